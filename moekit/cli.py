@@ -1,0 +1,116 @@
+"""The `moekit` command: plan, train, generate.
+
+Every flag maps onto one config field. Errors a user can cause end as one line on stderr and
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from moekit.errors import MoekitError
+from moekit.config import ModelConfig, RunConfig, TrainConfig, load_toml, preset, run_preset
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """One --flag per dataclass field; defaults None so only given flags override."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        default = getattr(cls(), f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=prefix + f.name, default=None, action=argparse.BooleanOptionalAction)
+        elif isinstance(default, list):
+            continue
+        else:
+            parser.add_argument(flag, dest=prefix + f.name, type=type(default), default=None, metavar=f.name.upper())
+
+
+def _overrides(args: argparse.Namespace, cls, prefix: str = "") -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, prefix + f.name, None)
+        if v is not None:
+            out[f.name] = v
+    return out
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    cfg = load_toml(args.config) if args.config else run_preset(args.preset or "tiny")
+    cfg.model = dataclasses.replace(cfg.model, **_overrides(args, ModelConfig, "model_"))
+    cfg.train = dataclasses.replace(cfg.train, **_overrides(args, TrainConfig))
+    return cfg.validate()
+
+
+def cmd_plan(args) -> int:
+    from moekit.plan.counts import plan_main
+
+    cfg = dataclasses.replace(preset(args.preset), **_overrides(args, ModelConfig, "model_")).validate()
+    print(plan_main(args.preset, cfg, args.json))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from moekit.train.trainer import train_main
+
+    if args.resume:
+        train_main(None, resume=args.resume)
+    else:
+        train_main(run_config_from_args(args))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from moekit.infer.generate import generate_main
+
+    return generate_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moekit", description="Build, train, serve and size sparse MoE language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan", help="parameter and FLOP counts of a preset (no memory used)")
+    plan.add_argument("preset")
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    _add_fields(plan, ModelConfig, "model_")
+    plan.set_defaults(func=cmd_plan)
+
+    train = sub.add_parser("train", help="train a model on the bundled text+code corpus")
+    train.add_argument("--preset", default=None, help="preset name (default tiny)")
+    train.add_argument("--config", default=None, help="TOML run config")
+    train.add_argument("--resume", default=None, metavar="RUN", help="continue the run in this folder exactly")
+    _add_fields(train, ModelConfig, "model_")
+    _add_fields(train, TrainConfig)
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="sample text from a checkpoint")
+    gen.add_argument("prompt", nargs="?", default="def ")
+    gen.add_argument("--ckpt", required=True, metavar="RUN")
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num-samples", type=int, default=1)
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MoekitError as e:
+        print(f"moekit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moekit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

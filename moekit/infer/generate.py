@@ -1,0 +1,93 @@
+"""Autoregressive sampling with a contiguous KV cache, and `moekit generate`."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from moekit.data.tokenizer import Tokenizer
+from moekit.errors import ConfigError
+from moekit.model.transformer import Transformer, build_model
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits: [B, V] -> next token ids [B]. temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             stop_token: int | None = None) -> torch.Tensor:
+    """prompt: [B, T] -> [B, T + n] (n <= max_new_tokens; stops early once every row hit stop_token)."""
+    model.eval()
+    B, T = prompt.shape
+    total = min(T + max_new_tokens, model.cfg.max_seq_len)
+    if T >= total:
+        raise ConfigError(f"prompt of {T} tokens leaves no room in the {model.cfg.max_seq_len}-token context")
+    gen = torch.Generator(device=prompt.device)
+    gen.manual_seed(0 if seed is None else seed)
+    caches = model.new_caches(B, total)
+    logits = model(prompt, caches=caches).logits[:, -1]  # prefill: [B, V]
+    out, done = [prompt], torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for _ in range(total - T):
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)  # [B]
+        if stop_token is not None:
+            nxt = nxt.masked_fill(done, stop_token)
+            done |= nxt == stop_token
+        out.append(nxt[:, None])
+        if stop_token is not None and bool(done.all()):
+            break
+        if len(out) - 1 < total - T:
+            logits = model(nxt[:, None], caches=caches).logits[:, -1]
+    return torch.cat(out, dim=1)
+
+
+def sample_text(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
+                temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    x = torch.tensor([ids], device=device)
+    y = generate(model, x, max_new_tokens, temperature, top_k, top_p, seed, stop_token=tokenizer.eot_id)
+    new = [t for t in y[0, len(ids):].tolist() if t != tokenizer.eot_id]
+    return prompt + tokenizer.decode(new)
+
+
+def load_for_inference(path: str, device: str = "auto") -> tuple[Transformer, Tokenizer]:
+    from moekit.train import checkpoint as ckpt_io
+    from moekit.train.trainer import resolve_device
+
+    ckpt = ckpt_io.resolve_checkpoint(path)
+    ckpt_io.verify(ckpt)
+    cfg = ckpt_io.load_run_config(ckpt)
+    model = build_model(cfg.model, resolve_device(device))
+    ckpt_io.load_weights(model, ckpt)
+    return model.eval(), Tokenizer.load(ckpt / "tokenizer.json")
+
+
+def generate_main(args) -> int:
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
+        raise ConfigError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1")
+    model, tok = load_for_inference(args.ckpt, args.device)
+    for i in range(args.num_samples):
+        text = sample_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                           args.top_p, args.seed + i)
+        sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+        if i + 1 < args.num_samples:
+            sys.stdout.write("-" * 40 + "\n")
+    return 0

@@ -1,0 +1,66 @@
+"""Multi-query / grouped-query causal self-attention through F.scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moekit.config import ModelConfig
+from moekit.model.layers import apply_rope
+
+
+class KVCache:
+    """A contiguous per-layer KV cache: [B, n_kv_heads, max_len, hd] for keys and values.
+
+    The caller owns it and passes it to the model; `pos` is the number of positions filled.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, device=None,
+                 dtype=torch.float32):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        if self.pos + T > self.k.shape[2]:
+            raise ValueError(f"KV cache full: {self.pos} + {T} > {self.k.shape[2]} positions")
+        self.k[:, :, self.pos:self.pos + T] = k
+        self.v[:, :, self.pos:self.pos + T] = v
+        self.pos += T
+        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.hd
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.hd, bias=False)
+        # one K/V head shared by all query heads is multi-query attention (Shazeer, 2019)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.hd, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(k, v)  # [B, Hkv, start + T, hd]
+        gqa = self.n_kv_heads != self.n_heads
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            # query i sits at absolute position start + i and sees keys 0 .. start + i
+            S = k.shape[2]
+            mask = torch.arange(S, device=x.device)[None, :] <= (start + torch.arange(T, device=x.device))[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # [B, T, H * hd]
+        return self.wo(y)

@@ -1,0 +1,153 @@
+"""Checkpoints: one folder per step, written to a temp folder and renamed into place.
+
+    RUN/ckpt-0000300/
+        model.safetensors   weights
+        config.toml         the whole run config
+        tokenizer.json
+        state.pt            optimizer, step, data cursor, RNG (loaded with weights_only=True)
+        manifest.json       sha256 of every file above, written last
+
+A folder without a manifest, or whose files do not match it, is never loaded as valid; a crash
+before the rename leaves only a `.tmp-*` folder, which is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tomllib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from moekit.config import RunConfig, run_config_from_dict, to_toml
+from moekit.data.tokenizer import Tokenizer
+from moekit.errors import CheckpointError, ConfigError
+
+FILES = ("model.safetensors", "config.toml", "tokenizer.json", "state.pt")
+_CKPT = re.compile(r"^ckpt-(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates (safetensors stores each tensor once)."""
+    sd = model.state_dict()
+    if getattr(model.cfg, "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: RunConfig,
+                    tokenizer: Tokenizer, state: dict, keep_last: int = 0) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"ckpt-{step:07d}"
+    tmp = run_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(model_state(model), str(tmp / "model.safetensors"))
+    (tmp / "config.toml").write_text(to_toml({"model": cfg.model, "train": cfg.train, "data": cfg.data}))
+    tokenizer.save(tmp / "tokenizer.json")
+    torch.save(state, tmp / "state.pt")
+    manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in FILES}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    for name in (*FILES, "manifest.json"):
+        _fsync(tmp / name)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(run_dir)
+    if keep_last:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (temp folders are not listed)."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (-> its latest checkpoint)."""
+    path = Path(path)
+    if (path / "manifest.json").exists() or _CKPT.match(path.name):
+        return path
+    ckpts = list_checkpoints(path)
+    if not ckpts:
+        if not path.exists():
+            raise CheckpointError(f"no such run or checkpoint: {path}")
+        raise CheckpointError(f"no finished checkpoint in {path}")
+    return ckpts[-1]
+
+
+def verify(ckpt: Path) -> dict:
+    """Check the manifest and every file's hash; return the manifest."""
+    mpath = ckpt / "manifest.json"
+    if not mpath.is_file():
+        raise CheckpointError(f"{ckpt} is incomplete: manifest.json is missing (interrupted write?)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{mpath} is corrupted") from None
+    for name in FILES:
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt} is incomplete: {name} is missing")
+        if _sha256(ckpt / name) != files.get(name):
+            raise CheckpointError(f"{ckpt / name} is corrupted: its checksum does not match the manifest")
+    return manifest
+
+
+def load_run_config(ckpt: Path) -> RunConfig:
+    try:
+        return run_config_from_dict(tomllib.loads((ckpt / "config.toml").read_text())).validate()
+    except (tomllib.TOMLDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{ckpt / 'config.toml'}: {e}") from None
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    try:
+        sd = load_file(str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {ckpt / 'model.safetensors'}: {e}") from None
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: weights do not match the model config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"{ckpt}: tensor {k} has shape {tuple(v.shape)}, "
+                                  f"the config needs {tuple(expected[k].shape)}")
+    model.load_state_dict(sd, strict=not getattr(model.cfg, "tie_embeddings", False))
+
+
+def load_state(ckpt: Path) -> dict:
+    try:
+        return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors have many types
+        raise CheckpointError(f"cannot read {ckpt / 'state.pt'}: {e}") from None

@@ -1,0 +1,216 @@
+"""The training loop: AdamW, warmup + cosine LR, batch ramp with gradient accumulation, clipping,
+bf16 autocast on GPU, MoE aux losses, per-source validation, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from moekit.config import RunConfig
+from moekit.data.pipeline import DataBundle, prepare_data, unigram_entropy
+from moekit.data.tokenizer import Tokenizer
+from moekit.errors import CheckpointError, TrainingError
+from moekit.model.transformer import Transformer, build_model
+from moekit.train import checkpoint as ckpt_io
+from moekit.train.metrics import MetricsLogger, plot_run
+from moekit.train.schedule import batch_tokens_at, lr_at
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda' was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast on GPU by default; fp32 on CPU unless bfloat16 is asked for."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
+    # no weight decay on norms (1-D); matrices, experts and embeddings decay
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+@dataclass
+class StepResult:
+    loss: float  # cross-entropy, mean over the step's micro-batches
+    balance: float
+    z: float
+    grad_norm: float
+    expert_load: list[list[float]]  # [moe layers][experts]
+    dropped: float
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: DataBundle, device: torch.device):
+        self.cfg, self.run_dir, self.data, self.device = cfg, run_dir, data, device
+        torch.manual_seed(cfg.train.seed)
+        self.model: Transformer = build_model(cfg.model, device)
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self.opt = make_optimizer(self.model, cfg.train, device)
+        self.step = 0
+
+    # -- state -------------------------------------------------------------------------------
+    def state(self) -> dict:
+        st = {"step": self.step, "optimizer": self.opt.state_dict(),
+              "data": self.data.mixture.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            st["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return st
+
+    def load(self, ckpt: Path) -> None:
+        ckpt_io.load_weights(self.model, ckpt)
+        st = ckpt_io.load_state(ckpt)
+        try:
+            self.opt.load_state_dict(st["optimizer"])
+            self.data.mixture.load_state_dict(st["data"])
+            torch.set_rng_state(st["rng_cpu"])
+            if "rng_cuda" in st and self.device.type == "cuda":
+                torch.cuda.set_rng_state(st["rng_cuda"], self.device)
+            self.step = int(st["step"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{ckpt / 'state.pt'} does not match this run: {e}") from None
+
+    def save(self) -> Path:
+        return ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.cfg, self.data.tokenizer,
+                                       self.state(), self.cfg.train.keep_last)
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        tc = self.cfg.train
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, tc)
+        accum = batch_tokens_at(self.step, tc) // (tc.micro_batch * tc.seq_len)
+        self.model.train()
+        ce = bal = z = dropped = torch.zeros((), device=self.device)
+        load = None
+        for _ in range(accum):
+            x, y = self.data.mixture.next_batch(tc.micro_batch, tc.seq_len)  # [B, T] each
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast_for(self.device, tc.dtype):
+                out = self.forward(x, y)
+            (out.loss / accum).backward()
+            ce = ce + out.ce_loss.detach() / accum
+            if out.router_stats:
+                bal = bal + out.balance_loss.detach() / accum
+                z = z + out.z_loss.detach() / accum
+                layer_load = torch.stack([s.load for s in out.router_stats])  # [moe layers, E]
+                load = layer_load / accum if load is None else load + layer_load / accum
+                dropped = dropped + torch.stack([s.dropped for s in out.router_stats]).mean() / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        loss = ce.item()  # one host sync per optimizer step, for the NaN guard and the log
+        if not math.isfinite(loss) or not math.isfinite(grad_norm.item()):
+            raise TrainingError(f"loss became {loss} (grad norm {grad_norm.item()}) at step {self.step}; "
+                                "stopped without saving, last good checkpoint kept: "
+                                f"{ckpt_io.list_checkpoints(self.run_dir)[-1:] or 'none'}")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return StepResult(loss, bal.item(), z.item(), grad_norm.item(),
+                          load.tolist() if load is not None else [], dropped.item())
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        tc = self.cfg.train
+        self.model.eval()
+        out = {}
+        for name, seqs in self.data.val.items():  # [n, seq_len + 1]
+            losses = []
+            for i in range(0, len(seqs), tc.micro_batch):
+                chunk = seqs[i:i + tc.micro_batch].to(self.device)
+                with autocast_for(self.device, tc.dtype):
+                    losses.append(self.model(chunk[:, :-1], chunk[:, 1:]).ce_loss.float() * len(chunk))
+            out[f"val/{name}"] = (torch.stack(losses).sum() / len(seqs)).item()
+        self.model.train()
+        return out
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self, logger: MetricsLogger, progress: bool = True) -> None:
+        tc = self.cfg.train
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not progress, desc="train", unit="step",
+                   dynamic_ncols=True, mininterval=1.0)
+        if self.step == 0:
+            logger.log(0, self.evaluate())
+        while self.step < tc.steps:
+            t0 = time.perf_counter()
+            tokens = batch_tokens_at(self.step, tc)
+            r = self.train_step()
+            dt = time.perf_counter() - t0
+            rec = {"loss": r.loss, "balance_loss": r.balance, "z_loss": r.z, "grad_norm": r.grad_norm,
+                   "lr": lr_at(self.step - 1, tc), "batch_tokens": tokens, "tokens_per_s": tokens / dt,
+                   "dropped": r.dropped, "expert_load": r.expert_load}
+            for i, layer in enumerate(r.expert_load):
+                rec[f"expert_load_max/layer{i}"] = max(layer)
+            if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                rec.update(self.evaluate())
+            logger.log(self.step, rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tokens / dt:,.0f}", batch=tokens)
+            if self.step % tc.ckpt_every == 0 or self.step == tc.steps:
+                self.save()
+        bar.close()
+
+
+def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool = True) -> Path:
+    """Start a run (cfg) or continue one (resume = run or checkpoint folder). Returns the run folder."""
+    tokenizer, ckpt = None, None
+    if resume:
+        ckpt = ckpt_io.resolve_checkpoint(resume)
+        ckpt_io.verify(ckpt)
+        cfg = ckpt_io.load_run_config(ckpt)
+        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
+        run_dir = ckpt.parent
+    else:
+        run_dir = Path(cfg.train.out_dir)
+        if ckpt_io.list_checkpoints(run_dir):
+            raise TrainingError(f"{run_dir} already holds checkpoints: continue it with "
+                                f"--resume {run_dir}, or choose another --out-dir")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    data = prepare_data(cfg, tokenizer)
+    trainer = Trainer(cfg, run_dir, data, device)
+    logger = MetricsLogger(run_dir)
+    if ckpt is not None:
+        trainer.load(ckpt)
+        logger.truncate_after(trainer.step)
+        print(f"resumed {run_dir} at step {trainer.step}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        sizes = ", ".join(f"{k}: {v['train_docs']} docs / {v['train_tokens']:,} tokens" for k, v in data.stats.items())
+        n = sum(p.numel() for p in trainer.model.parameters())
+        print(f"run {run_dir}: {n / 1e6:.2f}M parameters on {device}; corpus {sizes}")
+    try:
+        trainer.fit(logger, progress)
+    finally:
+        logger.close()
+    baseline = unigram_entropy(data.mixture.sources, data.tokenizer.vocab_size)
+    plots = plot_run(run_dir, baseline)
+    final = {k: v for k, v in trainer.evaluate().items()}
+    print("validation loss: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in final.items())
+          + f" (unigram entropy of the corpus: {baseline:.3f})")
+    print("plots: " + ", ".join(str(p) for p in plots))
+    if cfg.train.sample_tokens:
+        from moekit.infer.generate import sample_text
+
+        text = sample_text(trainer.model, data.tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens,
+                           temperature=0.8, top_k=50, seed=cfg.train.seed)
+        print(f"--- sample ---\n{text}\n--------------")
+    return run_dir
