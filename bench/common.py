@@ -1,0 +1,82 @@
+"""Shared helpers for the GPU benchmarks: CUDA-event timing, the two ceilings (dense bf16 matmul
+rate, device copy bandwidth), environment facts, JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+
+def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of fn() over iters runs, timed with CUDA events after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """Measured dense bf16 matmul rate on random data (the compute ceiling)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_time_ms(lambda: a @ b, warmup=5, iters=20)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def copy_tbps(nbytes: int = 2 << 30) -> float:
+    """Measured device-to-device copy bandwidth, bytes read + written (the memory ceiling)."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), warmup=3, iters=10)
+    return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
+def env_info() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """Write to $OUT (device runs) or bench/results/."""
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm()).item()
+
+
+def gpu_tag() -> str:
+    """Short lowercase name of the GPU for result file names, e.g. 'h100'."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    for tag in ("H200", "H100", "A100", "L40S", "A10G"):
+        if tag in name:
+            return tag.lower()
+    return "".join(c for c in name.lower() if c.isalnum())[:16]
