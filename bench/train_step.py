@@ -3,7 +3,7 @@ the same shapes, same run. Tokens/s, MFU (training FLOPs = 3 x (2 x active matmu
 attention)) against the dense bf16 matmul rate measured in the same run, peak memory.
 
     python bench/train_step.py                                    # batch 8 x 2048, bf16 autocast
-    python bench/train_step.py --impls moekit --compile
+    python bench/train_step.py --impls moekit --compile moekit --ac
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def hf_model(cfg, impl: str):
 
 def run(impl: str, cfg, batch: int, seq: int, steps: int, compile_: bool, flops_per_token: float, peak: float):
     torch.manual_seed(0)
-    if impl == "moekit":
+    if impl.startswith("moekit"):
         model = build_model(cfg, "cuda")
+        model.activation_checkpointing = impl == "moekit-ac"
         fwd = torch.compile(model) if compile_ else model
 
         def loss_fn(x, y):
@@ -86,7 +87,8 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--impls", default="moekit,hf-grouped_mm,hf-eager")
-    ap.add_argument("--compile", action="store_true", help="also run each impl under torch.compile")
+    ap.add_argument("--compile", default="moekit", help="impls to also run under torch.compile ('' = none)")
+    ap.add_argument("--ac", action="store_true", help="moekit with activation checkpointing as well")
     ap.add_argument("--suffix", default="", help="appended to the result file name")
     args = ap.parse_args()
 
@@ -95,8 +97,9 @@ def main():
     flops_per_token = counts.train_flops_per_token
     peak = matmul_tflops()
     results = []
-    for impl in args.impls.split(","):
-        for c in ([False, True] if args.compile else [False]):
+    impls = args.impls.split(",") + (["moekit-ac"] if args.ac else [])
+    for impl in impls:
+        for c in ([False, True] if impl in args.compile.split(",") else [False]):
             try:
                 results.append(run(impl, cfg, args.batch, args.seq, args.steps, c, flops_per_token, peak))
             except Exception as e:  # an OOM or missing feature in one impl keeps the others

@@ -115,7 +115,8 @@ class TrainConfig:
     keep_last: int = 2
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (pays off on GPU)
+    activation_checkpointing: bool = False  # recompute blocks in the backward to save memory
     threads: int = 0  # torch CPU threads, 0 = torch default
     sample_prompt: str = "def "
     sample_tokens: int = 120
@@ -149,6 +150,8 @@ class RunConfig:
         d = self.data
         if not (len(d.sources) == len(d.weights) == len(d.epochs)):
             raise ConfigError("data.sources, data.weights and data.epochs must have the same length")
+        if any(not (0 < x < math.inf) for x in (*d.weights, *d.epochs)):
+            raise ConfigError(f"data.weights and data.epochs must be finite numbers > 0, got {d.weights} and {d.epochs}")
         return self
 
 
@@ -185,11 +188,12 @@ PRESETS: dict[str, ModelConfig] = {
 
 # Per-preset training defaults (only fields that differ from TrainConfig's defaults).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(out_dir="runs/tiny", steps=300, seq_len=256, micro_batch=8, batch_tokens=4096,
-                 batch_ramp_start=2048, batch_ramp_steps=100, lr=3e-3, warmup_steps=20),
+    "tiny": dict(out_dir="runs/tiny", steps=1000, seq_len=256, micro_batch=4, batch_tokens=2048,
+                 batch_ramp_start=1024, batch_ramp_steps=200, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                 eval_every=100, ckpt_every=250),
     "small": dict(out_dir="runs/small", steps=2000, seq_len=512, micro_batch=16, lr=1e-3),
     "bench-1b": dict(out_dir="runs/bench-1b", steps=2000, seq_len=2048, micro_batch=8, lr=6e-4,
-                     min_lr=6e-5, warmup_steps=100),
+                     min_lr=6e-5, warmup_steps=100, compile=True),
 }
 
 DATA_PRESETS: dict[str, dict[str, Any]] = {

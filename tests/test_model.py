@@ -306,3 +306,24 @@ def test_moe_every_places_moe_layers():
     assert [isinstance(b.ffn, MoELayer) for b in model.blocks] == [False, True, False, True]
     idx = torch.randint(0, model.cfg.vocab_size, (1, 5))
     assert len(model(idx).router_stats) == 2
+
+
+def test_activation_checkpointing_gives_same_loss_and_grads():
+    from moekit.config import ModelConfig
+    from moekit.model.transformer import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                      n_experts=4, top_k=2, max_seq_len=32)
+    model = build_model(cfg)
+    idx = torch.randint(0, 64, (2, 16))
+    grads = []
+    for ac in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = ac
+        out = model(idx, idx.roll(-1, 1))
+        out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-6, atol=1e-7)

@@ -31,7 +31,14 @@ def _split_long(name: str, text: str, max_chars: int) -> list[Document]:
     if not max_chars or len(text) <= max_chars:
         return [Document(f"{name}#0", text)]
     pieces, cur, size = [], [], 0
+    lines = []
     for line in text.splitlines(keepends=True):
+        while len(line) > max_chars:  # a single overlong line: cut at the last space before the limit
+            cut = line.rfind(" ", 0, max_chars) + 1 or max_chars
+            lines.append(line[:cut])
+            line = line[cut:]
+        lines.append(line)
+    for line in lines:
         if cur and size + len(line) > max_chars:
             pieces.append("".join(cur))
             cur, size = [], 0

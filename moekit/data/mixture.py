@@ -24,10 +24,19 @@ class SourceTokens:
     docs: list[np.ndarray]  # each document's token ids, end-of-text appended
 
 
+def occurrences(epochs: float, n_docs: int) -> int:
+    """Documents of a source per pass: epochs x n, rounded half up."""
+    return math.floor(epochs * n_docs + 0.5)
+
+
 class Mixture:
     def __init__(self, sources: list[SourceTokens], weights: list[float], epochs: list[float], seed: int):
         if any(w <= 0 for w in weights) or any(e <= 0 for e in epochs):
             raise ValueError("mixture weights and epochs must be > 0")
+        for src, e in zip(sources, epochs):
+            if occurrences(e, len(src.docs)) == 0:
+                raise ValueError(f"epochs {e} of source {src.name!r} ({len(src.docs)} documents) "
+                                 "gives no document per pass")
         self.sources, self.weights, self.epochs, self.seed = sources, weights, epochs, seed
         self.state = {"pass": 0, "doc": 0, "offset": 0}
         self._order_pass, self._order = -1, []
@@ -39,7 +48,7 @@ class Mixture:
         for src, epochs in zip(self.sources, self.epochs):
             n = len(src.docs)
             occ = [rng.permutation(n) for _ in range(math.floor(epochs))]
-            frac = round((epochs - math.floor(epochs)) * n)
+            frac = occurrences(epochs, n) - math.floor(epochs) * n
             if frac:
                 occ.append(rng.permutation(n)[:frac])
             queues.append(list(np.concatenate(occ)) if occ else [])

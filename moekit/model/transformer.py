@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from moekit.config import ModelConfig
 from moekit.model.attention import Attention, KVCache
@@ -55,6 +56,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # recompute each block in the backward instead of keeping its activations (set by the trainer)
+        self.activation_checkpointing = False
         self._init_rope(device=self.embed.weight.device)
         if self.embed.weight.device.type != "meta":
             self.init_weights()
@@ -90,7 +93,10 @@ class Transformer(nn.Module):
         x = self.embed(idx)  # [B, T, d]
         all_stats = []
         for i, block in enumerate(self.blocks):
-            x, stats = block(x, cos, sin, caches[i] if caches else None)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, stats = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, stats = block(x, cos, sin, caches[i] if caches else None)
             if stats is not None:
                 all_stats.append(stats)
         logits = self.lm_head(self.norm(x))  # [B, T, vocab]

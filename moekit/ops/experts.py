@@ -9,8 +9,6 @@ A test holds them equal, values and gradients.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -32,17 +30,27 @@ def sort_by_expert(expert_idx: torch.Tensor, n_experts: int, keep: torch.Tensor 
     return order, counts[:n_experts]
 
 
-@functools.lru_cache(maxsize=None)
+_RUNS: dict[tuple[str, torch.dtype], bool] = {}
+
+
 def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        a = torch.randn(16, 16, device=device_type, dtype=dtype)
-        b = torch.randn(2, 16, 16, device=device_type, dtype=dtype)
-        torch._grouped_mm(a, b, offs=torch.tensor([8, 16], dtype=torch.int32, device=device_type))
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
+    """Whether torch._grouped_mm exists for this device and dtype. On CUDA it needs Hopper or
+    newer and bf16; elsewhere one tiny trial call decides (cached)."""
+    key = (device_type, dtype)
+    if key not in _RUNS:
+        if not hasattr(torch, "_grouped_mm"):
+            _RUNS[key] = False
+        elif device_type == "cuda":
+            _RUNS[key] = dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)
+        else:
+            try:
+                a = torch.randn(16, 16, device=device_type, dtype=dtype)
+                b = torch.randn(2, 16, 16, device=device_type, dtype=dtype)
+                torch._grouped_mm(a, b, offs=torch.tensor([8, 16], dtype=torch.int32, device=device_type))
+                _RUNS[key] = True
+            except (RuntimeError, NotImplementedError):
+                _RUNS[key] = False
+    return _RUNS[key]
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:

@@ -61,8 +61,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: RunCo
                     tokenizer: Tokenizer, state: dict, keep_last: int = 0) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt-{step:07d}"
+    for stale in run_dir.glob(".tmp-ckpt-*"):  # left by a writer that crashed; one writer per run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = run_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(model_state(model), str(tmp / "model.safetensors"))
     (tmp / "config.toml").write_text(to_toml({"model": cfg.model, "train": cfg.train, "data": cfg.data}))
@@ -111,6 +112,8 @@ def verify(ckpt: Path) -> dict:
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError
     except (json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{mpath} is corrupted") from None
     for name in FILES:

@@ -63,6 +63,7 @@ class Trainer:
         self.cfg, self.run_dir, self.data, self.device = cfg, run_dir, data, device
         torch.manual_seed(cfg.train.seed)
         self.model: Transformer = build_model(cfg.model, device)
+        self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.opt = make_optimizer(self.model, cfg.train, device)
         self.step = 0
@@ -117,9 +118,9 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         loss = ce.item()  # one host sync per optimizer step, for the NaN guard and the log
         if not math.isfinite(loss) or not math.isfinite(grad_norm.item()):
+            ckpts = ckpt_io.list_checkpoints(self.run_dir)
             raise TrainingError(f"loss became {loss} (grad norm {grad_norm.item()}) at step {self.step}; "
-                                "stopped without saving, last good checkpoint kept: "
-                                f"{ckpt_io.list_checkpoints(self.run_dir)[-1:] or 'none'}")
+                                f"stopped without saving; last good checkpoint: {ckpts[-1] if ckpts else 'none'}")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
@@ -178,6 +179,7 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
         tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
         run_dir = ckpt.parent
     else:
+        cfg.validate()
         run_dir = Path(cfg.train.out_dir)
         if ckpt_io.list_checkpoints(run_dir):
             raise TrainingError(f"{run_dir} already holds checkpoints: continue it with "
