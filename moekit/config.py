@@ -188,9 +188,9 @@ PRESETS: dict[str, ModelConfig] = {
 
 # Per-preset training defaults (only fields that differ from TrainConfig's defaults).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(out_dir="runs/tiny", steps=1000, seq_len=256, micro_batch=4, batch_tokens=2048,
-                 batch_ramp_start=1024, batch_ramp_steps=200, lr=3e-3, min_lr=3e-4, warmup_steps=30,
-                 eval_every=100, ckpt_every=250),
+    "tiny": dict(out_dir="runs/tiny", steps=800, seq_len=256, micro_batch=4, batch_tokens=2048,
+                 batch_ramp_start=1024, batch_ramp_steps=100, lr=2e-3, min_lr=2e-4, warmup_steps=30,
+                 eval_every=100, ckpt_every=200),
     "small": dict(out_dir="runs/small", steps=2000, seq_len=512, micro_batch=16, lr=1e-3),
     "bench-1b": dict(out_dir="runs/bench-1b", steps=2000, seq_len=2048, micro_batch=8, lr=6e-4,
                      min_lr=6e-5, warmup_steps=100, compile=True),

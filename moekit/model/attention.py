@@ -14,6 +14,8 @@ class KVCache:
     """A contiguous per-layer KV cache: [B, n_kv_heads, max_len, hd] for keys and values.
 
     The caller owns it and passes it to the model; `pos` is the number of positions filled.
+    Any object with the same `attend(q, k, v)` method can stand in for it (the paged cache of
+    moekit.infer does).
     """
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, device=None,
@@ -31,6 +33,15 @@ class KVCache:
         self.v[:, :, self.pos:self.pos + T] = v
         self.pos += T
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v [B, Hkv, T, hd] after the cached positions; attend q [B, H, T, hd] causally."""
+        start = self.pos
+        k, v = self.update(k, v)  # [B, Hkv, start + T, hd]
+        T, S = q.shape[2], k.shape[2]
+        # query i sits at absolute position start + i and sees keys 0 .. start + i
+        mask = torch.arange(S, device=q.device)[None, :] <= (start + torch.arange(T, device=q.device))[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -50,17 +61,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = 0
         if cache is not None:
-            start = cache.pos
-            k, v = cache.update(k, v)  # [B, Hkv, start + T, hd]
-        gqa = self.n_kv_heads != self.n_heads
-        if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = cache.attend(q, k, v)  # [B, H, T, hd]
         else:
-            # query i sits at absolute position start + i and sees keys 0 .. start + i
-            S = k.shape[2]
-            mask = torch.arange(S, device=x.device)[None, :] <= (start + torch.arange(T, device=x.device))[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # [B, T, H * hd]
         return self.wo(y)

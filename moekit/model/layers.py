@@ -35,7 +35,7 @@ def rope_frequencies(head_dim: int, max_len: int, theta: float = 10000.0, scalin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, hd]; cos/sin: [T, hd]. Rotate-half convention (as in HF Llama)."""
+    """x: [B, H, T, hd]; cos/sin: [T, hd] or [B, 1, T, hd]. Rotate-half convention (as in HF Llama)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).type_as(x)

@@ -83,13 +83,20 @@ class Transformer(nn.Module):
         self._init_rope(device=self.embed.weight.device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None) -> ModelOutput:
-        """idx: [B, T] token ids; targets: [B, T] (-100 = ignore); caches: one per layer."""
+                caches: list | None = None, positions: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> ModelOutput:
+        """idx: [B, T] token ids; targets: [B, T] (-100 = ignore); caches: one per layer (KVCache or
+        any object with its `attend`); positions: [B, T] absolute positions when the tokens are not
+        0..T-1 after the cache (packed batches of the inference engine); logits_at: [n] indices
+        along T where logits are needed (the engine needs only each request's last token)."""
         B, T = idx.shape
-        start = caches[0].pos if caches else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # [T, hd]
+        if positions is not None:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [B, 1, T, hd]
+        else:
+            start = caches[0].pos if caches else 0
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # [T, hd]
         x = self.embed(idx)  # [B, T, d]
         all_stats = []
         for i, block in enumerate(self.blocks):
@@ -99,7 +106,9 @@ class Transformer(nn.Module):
                 x, stats = block(x, cos, sin, caches[i] if caches else None)
             if stats is not None:
                 all_stats.append(stats)
-        logits = self.lm_head(self.norm(x))  # [B, T, vocab]
+        if logits_at is not None:
+            x = x[:, logits_at]  # [B, n, d]
+        logits = self.lm_head(self.norm(x))  # [B, T or n, vocab]
         out = ModelOutput(logits=logits, router_stats=all_stats)
         if all_stats:
             out.balance_loss = torch.stack([s.balance_loss for s in all_stats]).mean()
