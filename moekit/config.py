@@ -168,6 +168,9 @@ PRESETS: dict[str, ModelConfig] = {
     # the GPU benchmark model: 1.21B total / 0.35B active
     "bench-1b": ModelConfig(vocab_size=32000, d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4,
                             ffn_dim=2816, n_experts=8, top_k=2, max_seq_len=4096),
+    # Mixtral-shaped decode benchmark: 4.7B total / 1.34B active
+    "bench-decode": ModelConfig(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=4,
+                                ffn_dim=5632, n_experts=8, top_k=2, max_seq_len=4096),
     "mixtral-8x7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                                 ffn_dim=14336, n_experts=8, top_k=2, max_seq_len=32768,
                                 rope_theta=1e6),

@@ -63,12 +63,17 @@ def load_for_inference(path: str, device: str = "auto") -> tuple[Transformer, To
 
 
 def generate_main(args) -> int:
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
-        raise ConfigError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1")
+    from moekit.infer.engine import Engine, EngineConfig
+    from moekit.infer.sampling import SamplingParams
+
+    params = [SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed + i).validate() for i in range(args.num_samples)]
     model, tok = load_for_inference(args.ckpt, args.device)
-    for i in range(args.num_samples):
-        text = sample_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                           args.top_p, args.seed + i)
+    if model.embed.weight.is_cuda:
+        model = model.to(torch.bfloat16)
+    engine = Engine(model, tok, EngineConfig(kv_budget=args.kv_budget, max_num_seqs=max(1, args.num_samples)))
+    for i, out in enumerate(engine.generate([args.prompt] * args.num_samples, params)):
+        text = args.prompt + out.text
         sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
         if i + 1 < args.num_samples:
             sys.stdout.write("-" * 40 + "\n")

@@ -79,7 +79,10 @@ class Transformer(nn.Module):
                 p.fill_(1.0)  # norm weights
                 continue
             s = out_std if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else std
-            p.copy_(torch.randn(p.shape, generator=g) * s)
+            if g is None:
+                p.normal_(0.0, s)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * s)
         self._init_rope(device=self.embed.weight.device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,

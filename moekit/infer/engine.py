@@ -1,0 +1,182 @@
+"""The inference engine: requests in, tokens out, one scheduler step at a time.
+
+    engine = Engine(model, tokenizer, kv_budget="256MiB")
+    rid = engine.add_request("def ", SamplingParams(max_tokens=32, temperature=0))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moekit.data.tokenizer import Tokenizer
+from moekit.errors import ConfigError
+from moekit.infer.kv_cache import PagedKVCache, kv_bytes_per_token, num_blocks_for_budget
+from moekit.infer.runner import ModelRunner
+from moekit.infer.sampling import Sampler, SamplingParams
+from moekit.infer.scheduler import Request, Scheduler, Status
+from moekit.model.transformer import Transformer
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    output_token_ids: list[int]
+    text: str  # all text released so far (stop strings removed)
+    delta: str  # text released by this step
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int
+    new_logprobs: list = field(default_factory=list)  # per new token: (logprob, [(id, logprob), ...])
+    first_token_time: float | None = None
+    arrival_time: float = 0.0
+
+
+@dataclass
+class EngineConfig:
+    kv_budget: str = "256MiB"  # bytes ("2GiB") or a fraction of free GPU memory ("0.5")
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024  # per-step token budget (chunked prefill)
+    max_model_len: int = 0  # 0 -> the model's max_seq_len
+    cuda_graphs: bool = True
+    seed: int = 0
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None):
+        cfg = config or EngineConfig()
+        self.model, self.tokenizer, self.config = model.eval(), tokenizer, cfg
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.max_model_len = min(cfg.max_model_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        num_blocks = num_blocks_for_budget(model.cfg, cfg.kv_budget, cfg.block_size, self.device, dtype)
+        self.kv = PagedKVCache(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
+        self.kv_bytes_per_token = kv_bytes_per_token(model.cfg, dtype)
+        self.scheduler = Scheduler(self.kv.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs)
+        self.sampler = Sampler(self.device, cfg.seed)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.eos_id = tokenizer.eot_id if tokenizer is not None else None
+
+    # -- API ---------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = (params or SamplingParams()).validate()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("a text prompt needs a tokenizer")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            ids = [self.eos_id if self.eos_id is not None else 0]
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ConfigError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ConfigError(f"prompt has {len(ids)} tokens; the context window is {self.max_model_len}")
+        # a request must fit the cache on its own, or preemption could never make room for it
+        capacity = (self.kv.allocator.num_blocks - 1) * self.config.block_size
+        longest = min(len(ids) + params.max_tokens, self.max_model_len)
+        if longest > capacity:
+            raise ConfigError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} does not fit "
+                              f"the KV cache ({capacity} tokens); lower max_tokens or raise the KV budget")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ConfigError(f"request id {rid!r} is already in use")
+        req = Request(rid, ids, params, arrival=next(self._ids))
+        req.extra.update(arrival_time=time.monotonic(), text="", released=0, first_token_time=None,
+                         generator=self._generator(params.seed))
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks at once. False if it is unknown or finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None or req.status is Status.FINISHED:
+            return False
+        self.scheduler.finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return []
+        logits, to_sample = self.runner.execute(batch)
+        for req, n in batch.items:
+            req.num_computed += n
+        if not to_sample:
+            return []
+        res = self.sampler(logits, [r.params for r in to_sample], [r.extra["generator"] for r in to_sample],
+                           [r.output_ids for r in to_sample])
+        return [self._append(req, tok, lp) for req, tok, lp in zip(to_sample, res.tokens, res.logprobs)]
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Run a list of prompts to completion; outputs in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def stats(self) -> dict:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": self.kv.allocator.num_used, "kv_blocks_total": self.kv.allocator.num_blocks - 1,
+                "kv_bytes_per_token": self.kv_bytes_per_token, "preemptions": self.scheduler.num_preemptions}
+
+    # -- internals ---------------------------------------------------------------------------
+    def _generator(self, seed: int | None):
+        if seed is None:
+            return None
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed)
+        return g
+
+    def _append(self, req: Request, token: int, logprob) -> RequestOutput:
+        p, ex = req.params, req.extra
+        if ex["first_token_time"] is None:
+            ex["first_token_time"] = time.monotonic()
+        req.output_ids.append(token)
+        reason = None
+        stop_ids = set(p.stop_token_ids) | ({self.eos_id} if self.eos_id is not None and not p.ignore_eos else set())
+        hit_stop_token = token in stop_ids
+        if hit_stop_token:
+            reason = "stop"
+        elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = "length"
+        delta = ""
+        if self.tokenizer is not None:
+            ids = req.output_ids[:-1] if hit_stop_token else req.output_ids
+            text = self.tokenizer.decode(ids)
+            cut = min((i for s in p.stop for i in [text.find(s)] if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            # hold back an incomplete UTF-8 character and a possible stop-string prefix
+            hold = 0 if reason else max([len(s) - 1 for s in p.stop] + [0])
+            if not reason and text.endswith("\ufffd"):
+                hold = max(hold, 1)
+            release = max(ex["released"], len(text) - hold)
+            delta = text[ex["released"]:release]
+            ex["released"] = release
+            ex["text"] = text[:release]
+        if reason:
+            self.scheduler.finish(req, reason)
+            self.requests.pop(req.id, None)
+        return RequestOutput(req.id, [token], list(req.output_ids), ex["text"], delta, reason is not None, reason,
+                             len(req.prompt_ids), [logprob] if logprob is not None else [],
+                             ex["first_token_time"], ex["arrival_time"])

@@ -1,0 +1,128 @@
+"""Model runner: turns a scheduled batch into packed tensors, runs the model over the paged KV
+cache, returns the logits of the rows that sample. Pure-decode batches on GPU replay CUDA graphs
+captured at bucketed batch sizes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moekit.infer.kv_cache import PagedKVCache
+from moekit.infer.paged_attention import AttentionMetadata, PagedAttentionLayer
+from moekit.infer.scheduler import Request, ScheduledBatch
+from moekit.model.transformer import Transformer
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, kv: PagedKVCache, max_model_len: int, max_num_seqs: int,
+                 cuda_graphs: bool = True):
+        self.model, self.kv = model, kv
+        self.device = next(model.parameters()).device
+        self.block_size = kv.block_size
+        self.max_blocks = math.ceil(max_model_len / self.block_size)
+        self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs] if (
+            cuda_graphs and self.device.type == "cuda") else []
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+
+    # -- packing -----------------------------------------------------------------------------
+    def _layers(self, meta: AttentionMetadata) -> list[PagedAttentionLayer]:
+        return [PagedAttentionLayer(self.kv.k[i], self.kv.v[i], meta) for i in range(self.kv.k.shape[0])]
+
+    def _slots(self, req: Request, start: int, n: int) -> list[int]:
+        bs = self.block_size
+        return [req.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
+        """Returns logits [n, vocab] for the requests whose computed tokens reach their end."""
+        items = batch.items
+        num_decode = sum(1 for _, n in items if n == 1)
+        if num_decode == len(items) and self.graph_sizes and len(items) <= self.graph_sizes[-1]:
+            return self._execute_graph(items)
+        ids, pos, slots, logit_rows, sample = [], [], [], [], []
+        tables, lens, prefills = [], [], []
+        for req, n in items:
+            start = req.num_computed
+            toks = req.all_ids[start:start + n]
+            if n == 1:
+                tables.append(req.blocks + [0] * (self.max_blocks - len(req.blocks)))
+                lens.append(start + 1)
+            else:
+                prefills.append((len(ids), n, start, torch.tensor(req.blocks, device=self.device)))
+            ids += toks
+            pos += range(start, start + n)
+            slots += self._slots(req, start, n)
+            if start + n == req.num_tokens:
+                logit_rows.append(len(ids) - 1)
+                sample.append(req)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=dev), num_decode=num_decode,
+            block_tables=torch.tensor(tables or [[0]], device=dev, dtype=torch.int32)[:num_decode],
+            context_lens=torch.tensor(lens or [1], device=dev, dtype=torch.int32)[:num_decode],
+            prefills=prefills, max_context=max(lens or [1]))
+        out = self.model(torch.tensor([ids], device=dev), caches=self._layers(meta),
+                         positions=torch.tensor([pos], device=dev),
+                         logits_at=torch.tensor(logit_rows, device=dev, dtype=torch.long))
+        return out.logits[0], sample
+
+    # -- CUDA graphs for pure-decode steps ---------------------------------------------------
+    def _graph_inputs(self, b: int) -> dict:
+        dev = self.device
+        return {"ids": torch.zeros(1, b, dtype=torch.long, device=dev),
+                "pos": torch.zeros(1, b, dtype=torch.long, device=dev),
+                "slots": torch.zeros(b, dtype=torch.long, device=dev),
+                "tables": torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev),
+                "lens": torch.ones(b, dtype=torch.int32, device=dev)}
+
+    def _run_static(self, buf: dict) -> torch.Tensor:
+        b = buf["ids"].shape[1]
+        meta = AttentionMetadata(slot_mapping=buf["slots"], num_decode=b, block_tables=buf["tables"],
+                                 context_lens=buf["lens"], prefills=[], max_context=self.max_blocks * self.block_size)
+        return self.model(buf["ids"], caches=self._layers(meta), positions=buf["pos"]).logits[0]
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Capture the decode step at every bucket size (largest first, sharing one memory pool).
+        Padding rows write to the reserved scratch block 0 and attend to one position."""
+        pool = None
+        for b in sorted(self.graph_sizes, reverse=True):
+            buf = self._graph_inputs(b)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: Triton compilation, cuBLAS handles
+                    self._run_static(buf)
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                buf["logits"] = self._run_static(buf)
+            pool = g.pool()
+            self.graphs[b] = (g, buf)
+
+    def _execute_graph(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
+        if not self.graphs:
+            self.capture_graphs()
+        n = len(items)
+        b = next(s for s in self.graph_sizes if s >= n)
+        g, buf = self.graphs[b]
+        ids = torch.zeros(b, dtype=torch.long)
+        pos = torch.zeros(b, dtype=torch.long)
+        slots = torch.zeros(b, dtype=torch.long)
+        tables = torch.zeros(b, self.max_blocks, dtype=torch.int32)
+        lens = torch.ones(b, dtype=torch.int32)
+        for i, (req, _) in enumerate(items):
+            p = req.num_computed
+            ids[i], pos[i], lens[i] = req.all_ids[p], p, p + 1
+            slots[i] = self._slots(req, p, 1)[0]
+            tables[i, :len(req.blocks)] = torch.tensor(req.blocks, dtype=torch.int32)
+        buf["ids"][0].copy_(ids, non_blocking=True)
+        buf["pos"][0].copy_(pos, non_blocking=True)
+        buf["slots"].copy_(slots, non_blocking=True)
+        buf["tables"].copy_(tables, non_blocking=True)
+        buf["lens"].copy_(lens, non_blocking=True)
+        g.replay()
+        return buf["logits"][:n], [req for req, _ in items]

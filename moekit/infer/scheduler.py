@@ -1,0 +1,127 @@
+"""Iteration-level scheduler: continuous batching with chunked prefill under a token budget,
+FCFS admission, preemption by recompute when KV blocks run out. Pure Python; no tensors."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from moekit.infer.kv_cache import BlockAllocator
+from moekit.infer.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    blocks: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    # engine-side state (generator, detokenizer, timings) lives in `extra`
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class ScheduledBatch:
+    items: list[tuple[Request, int]]  # (request, tokens to compute this step); decodes (1 token) first
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048):
+        self.allocator, self.block_size = allocator, block_size
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _blocks_needed(self, req: Request, n: int) -> int:
+        return max(0, math.ceil((req.num_computed + n) / self.block_size) - len(req.blocks))
+
+    def _preempt(self, req: Request) -> None:
+        """Free the request's blocks; it goes back to the head of the queue and recomputes."""
+        self.allocator.free(req.blocks)
+        req.blocks, req.num_computed = [], 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        self.allocator.free(req.blocks)
+        req.blocks = []
+        req.status, req.finish_reason = Status.FINISHED, reason
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        items: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+        # 1. running requests, oldest first; the newest are preempted when blocks run out
+        for req in list(self.running):
+            if req.status is not Status.RUNNING or budget == 0:
+                continue
+            n = min(req.num_tokens - req.num_computed, budget)
+            need = self._blocks_needed(req, n)
+            while need > self.allocator.num_free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:
+                continue
+            req.blocks += self.allocator.allocate(need)
+            items.append((req, n))
+            budget -= n
+        # 2. admit waiting requests in arrival order (FCFS: the head waits rather than being overtaken)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed, budget)
+            need = self._blocks_needed(req, n)
+            if need > self.allocator.num_free:
+                break
+            self.waiting.popleft()
+            req.blocks += self.allocator.allocate(need)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            items.append((req, n))
+            budget -= n
+        items.sort(key=lambda it: it[1] != 1)  # single-token (decode) rows first, order kept otherwise
+        return ScheduledBatch(items, preempted)

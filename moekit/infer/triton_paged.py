@@ -1,0 +1,76 @@
+"""Paged decode attention in Triton (flash-decoding): one program per (row, KV head, context
+split) reads its pages straight from the block table, keeps an online softmax, and writes a
+partial result; a small reduction merges the splits. All query heads that share a KV head are
+served by one program, so multi-query attention reads each K/V page once."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr,
+                        stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb,
+                        sm_scale, pages_per_split, n_splits,
+                        G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, PAGE: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(lens_ptr + b)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, HD)
+    t = tl.arange(0, PAGE)
+    gmask = g < G
+    heads = kvh * G + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, HD], tl.float32)
+    n_pages = tl.cdiv(ctx, PAGE)
+    first = split * pages_per_split
+    last = tl.minimum(first + pages_per_split, n_pages)
+    for p in range(first, last):
+        blk = tl.load(bt_ptr + b * stride_btb + p).to(tl.int64)
+        pos = p * PAGE + t
+        off = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
+        k = tl.load(k_ptr + off)  # [PAGE, HD]
+        s = tl.dot(q, tl.trans(k)) * sm_scale  # [GP, PAGE]
+        s = tl.where((pos < ctx)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        pm = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pm, 1)
+        v = tl.load(v_ptr + off)
+        acc = acc * alpha[:, None] + tl.dot(pm.to(v.dtype), v)
+        m_i = m_new
+    # partials: acc [B, H, S, HD] (unnormalised), ml [B, H, S, 2] = (max, sum)
+    row = (b * (tl.num_programs(1) * G) + heads) * n_splits + split
+    tl.store(acc_ptr + row[:, None] * HD + d[None, :], acc, mask=gmask[:, None])
+    tl.store(ml_ptr + row * 2, m_i, mask=gmask)
+    tl.store(ml_ptr + row * 2 + 1, l_i, mask=gmask)
+
+
+def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, context_lens: torch.Tensor,
+                        pages_per_split: int = 8) -> torch.Tensor:
+    """q: [B, H, hd]; k_cache/v_cache: [num_blocks, page, Hkv, hd]; block_tables: [B, max_pages]
+    int32; context_lens: [B] int32 -> [B, H, hd]. No host synchronisation (graph-capturable)."""
+    B, H, hd = q.shape
+    page, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = H // Hkv
+    n_splits = triton.cdiv(block_tables.shape[1], pages_per_split)
+    acc = torch.empty(B, H, n_splits, hd, device=q.device, dtype=torch.float32)
+    ml = torch.empty(B, H, n_splits, 2, device=q.device, dtype=torch.float32)
+    q = q.contiguous()
+    _paged_decode_split[(B, Hkv, n_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, acc, ml,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        hd ** -0.5, pages_per_split, n_splits,
+        G=G, GP=max(16, triton.next_power_of_2(G)), HD=hd, PAGE=page)
+    m, lsum = ml[..., 0], ml[..., 1]  # [B, H, S]
+    w = torch.exp(m - m.amax(-1, keepdim=True))  # splits past the context have m = -inf -> weight 0
+    w = torch.nan_to_num(w)
+    out = (acc * w[..., None]).sum(2) / (lsum * w).sum(-1)[..., None]
+    return out.to(q.dtype)
