@@ -77,6 +77,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--hf-impls", default="grouped_mm,eager")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the kernel table of 5 decode steps")
     args = ap.parse_args()
 
     numerics = check_paged_kernel()
@@ -92,9 +94,21 @@ def main():
     roofline = bw * 1e12 / (weight_bytes + kv_bytes)
 
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=8, cuda_graphs=True))
+    engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=8, cuda_graphs=True,
+                                              compile=not args.no_compile))
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    t = time.perf_counter()
     engine.generate([prompt[0].tolist()], SamplingParams(max_tokens=16, temperature=0))  # warm-up + graph capture
+    startup_s = time.perf_counter() - t
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        engine.add_request(prompt[0].tolist(), SamplingParams(max_tokens=6, temperature=0))
+        engine.step()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            while engine.has_unfinished():
+                engine.step()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     engine.add_request(prompt[0].tolist(), params)
     engine.step()  # prefill + first token
     torch.cuda.synchronize()
@@ -112,7 +126,7 @@ def main():
         except Exception as e:
             results[f"hf-{impl}"] = f"{type(e).__name__}: {e}"[:200]
     payload = {"bench": "decode", **env_info(), "preset": args.preset, "prompt_len": args.prompt_len,
-               "new_tokens": args.new_tokens, "copy_tbps": bw, "active_weight_bytes": weight_bytes,
+               "new_tokens": args.new_tokens, "compile": not args.no_compile, "startup_s": startup_s, "copy_tbps": bw, "active_weight_bytes": weight_bytes,
                "kv_bytes_per_token_read_mean": kv_bytes, "roofline_tok_s": roofline,
                "total_params": counts.total_params, "active_params": counts.active_params,
                "paged_kernel_rel_err_vs_fp64": numerics, "tok_s": results,

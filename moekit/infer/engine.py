@@ -46,6 +46,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # per-step token budget (chunked prefill)
     max_model_len: int = 0  # 0 -> the model's max_seq_len
     cuda_graphs: bool = True
+    compile: bool = True  # torch.compile the decode step captured in CUDA graphs (GPU only)
     seed: int = 0
 
 
@@ -60,7 +61,8 @@ class Engine:
         self.kv = PagedKVCache(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
         self.kv_bytes_per_token = kv_bytes_per_token(model.cfg, dtype)
         self.scheduler = Scheduler(self.kv.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs)
+        self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs,
+                                  cfg.compile)
         self.sampler = Sampler(self.device, cfg.seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

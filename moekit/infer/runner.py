@@ -18,7 +18,7 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 class ModelRunner:
     def __init__(self, model: Transformer, kv: PagedKVCache, max_model_len: int, max_num_seqs: int,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, compile: bool = False):
         self.model, self.kv = model, kv
         self.device = next(model.parameters()).device
         self.block_size = kv.block_size
@@ -26,6 +26,9 @@ class ModelRunner:
         self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs] if (
             cuda_graphs and self.device.type == "cuda") else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        # the decode graphs replay a compiled forward: fusing the many small elementwise kernels of
+        # a decode step (norms, rotary, routing) is what brings it near the bandwidth limit
+        self.decode_forward = torch.compile(model, dynamic=True) if compile and self.graph_sizes else model
 
     # -- packing -----------------------------------------------------------------------------
     def _layers(self, meta: AttentionMetadata) -> list[PagedAttentionLayer]:
@@ -82,7 +85,7 @@ class ModelRunner:
         b = buf["ids"].shape[1]
         meta = AttentionMetadata(slot_mapping=buf["slots"], num_decode=b, block_tables=buf["tables"],
                                  context_lens=buf["lens"], prefills=[], max_context=self.max_blocks * self.block_size)
-        return self.model(buf["ids"], caches=self._layers(meta), positions=buf["pos"]).logits[0]
+        return self.decode_forward(buf["ids"], caches=self._layers(meta), positions=buf["pos"]).logits[0]
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:

@@ -36,7 +36,7 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr,
         pos = p * PAGE + t
         off = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
         k = tl.load(k_ptr + off)  # [PAGE, HD]
-        s = tl.dot(q, tl.trans(k)) * sm_scale  # [GP, PAGE]
+        s = (tl.dot(q, tl.trans(k)) * sm_scale).to(tl.float32)  # [GP, PAGE]
         s = tl.where((pos < ctx)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
