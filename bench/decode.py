@@ -77,7 +77,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--hf-impls", default="grouped_mm,eager")
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="compile the decode step inside the CUDA graphs")
     ap.add_argument("--profile", action="store_true", help="print the kernel table of 5 decode steps")
     args = ap.parse_args()
 
@@ -95,7 +95,7 @@ def main():
 
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=8, cuda_graphs=True,
-                                              compile=not args.no_compile))
+                                              compile=args.compile))
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     t = time.perf_counter()
     engine.generate([prompt[0].tolist()], SamplingParams(max_tokens=16, temperature=0))  # warm-up + graph capture
@@ -126,7 +126,7 @@ def main():
         except Exception as e:
             results[f"hf-{impl}"] = f"{type(e).__name__}: {e}"[:200]
     payload = {"bench": "decode", **env_info(), "preset": args.preset, "prompt_len": args.prompt_len,
-               "new_tokens": args.new_tokens, "compile": not args.no_compile, "startup_s": startup_s, "copy_tbps": bw, "active_weight_bytes": weight_bytes,
+               "new_tokens": args.new_tokens, "compile": args.compile, "startup_s": startup_s, "copy_tbps": bw, "active_weight_bytes": weight_bytes,
                "kv_bytes_per_token_read_mean": kv_bytes, "roofline_tok_s": roofline,
                "total_params": counts.total_params, "active_params": counts.active_params,
                "paged_kernel_rel_err_vs_fp64": numerics, "tok_s": results,

@@ -46,7 +46,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # per-step token budget (chunked prefill)
     max_model_len: int = 0  # 0 -> the model's max_seq_len
     cuda_graphs: bool = True
-    compile: bool = True  # torch.compile the decode step captured in CUDA graphs (GPU only)
+    compile: bool = False  # torch.compile the decode step in the CUDA graphs (GPU; measured slower on H100 so far)
     seed: int = 0
 
 
