@@ -67,6 +67,12 @@ def cmd_generate(args) -> int:
     return generate_main(args)
 
 
+def cmd_serve(args) -> int:
+    from moekit.serve.server import serve_main
+
+    return serve_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit", description="Build, train, serve and size sparse MoE language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--kv-budget", default="64MiB", help="KV cache size: bytes (e.g. 2GiB) or a fraction of free GPU memory")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    srv.add_argument("--ckpt", required=True, metavar="RUN")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--model-name", default="moekit", help="the model id clients ask for")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    srv.add_argument("--device", default="auto")
+    srv.add_argument("--kv-budget", default="256MiB", help="KV cache: bytes (e.g. 8GiB) or a fraction of free GPU memory")
+    srv.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
+    srv.add_argument("--max-batched-tokens", type=int, default=1024, help="tokens per engine step")
+    srv.add_argument("--max-pending", type=int, default=512, help="requests in flight before answering 429")
+    srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    srv.set_defaults(func=cmd_serve)
     return p
 
 

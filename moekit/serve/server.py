@@ -1,0 +1,35 @@
+"""`moekit serve --ckpt RUN`: load a checkpoint, start the engine, run uvicorn."""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.infer.async_engine import AsyncEngine
+from moekit.infer.engine import Engine, EngineConfig
+from moekit.infer.generate import load_for_inference
+from moekit.serve.app import ServerConfig, create_app
+from moekit.serve.chat import load_chat_template
+from moekit.train import checkpoint as ckpt_io
+
+
+def build_app(ckpt: str, device: str = "auto", engine_cfg: EngineConfig | None = None,
+              server_cfg: ServerConfig | None = None):
+    model, tok = load_for_inference(ckpt, device)
+    if model.embed.weight.is_cuda:
+        model = model.to(torch.bfloat16)
+    server_cfg = server_cfg or ServerConfig()
+    server_cfg.chat_template = load_chat_template(ckpt_io.resolve_checkpoint(ckpt))
+    engine = Engine(model, tok, engine_cfg or EngineConfig())
+    return create_app(AsyncEngine(engine), tok, server_cfg)
+
+
+def serve_main(args) -> int:
+    import uvicorn
+
+    engine_cfg = EngineConfig(kv_budget=args.kv_budget, max_num_seqs=args.max_num_seqs,
+                              max_num_batched_tokens=args.max_batched_tokens)
+    server_cfg = ServerConfig(model_name=args.model_name, api_key=args.api_key, max_pending=args.max_pending,
+                              request_timeout=args.request_timeout)
+    app = build_app(args.ckpt, args.device, engine_cfg, server_cfg)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
+    return 0
