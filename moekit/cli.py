@@ -55,7 +55,7 @@ def cmd_train(args) -> int:
     from moekit.train.trainer import train_main
 
     if args.resume:
-        train_main(None, resume=args.resume)
+        train_main(None, resume=args.resume, steps=args.steps)
     else:
         train_main(run_config_from_args(args))
     return 0

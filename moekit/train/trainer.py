@@ -169,13 +169,18 @@ class Trainer:
         bar.close()
 
 
-def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool = True) -> Path:
-    """Start a run (cfg) or continue one (resume = run or checkpoint folder). Returns the run folder."""
+def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool = True,
+               steps: int | None = None) -> Path:
+    """Start a run (cfg) or continue one (resume = run or checkpoint folder; steps = a new last step,
+    which stretches the LR schedule). Returns the run folder."""
     tokenizer, ckpt = None, None
     if resume:
         ckpt = ckpt_io.resolve_checkpoint(resume)
         ckpt_io.verify(ckpt)
         cfg = ckpt_io.load_run_config(ckpt)
+        if steps is not None:
+            cfg.train.steps = steps
+            cfg.validate()
         tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
         run_dir = ckpt.parent
     else:
