@@ -80,3 +80,18 @@ def gpu_tag() -> str:
         if tag in name:
             return tag.lower()
     return "".join(c for c in name.lower() if c.isalnum())[:16]
+
+
+def hf_mixtral(cfg, impl: str, dtype=None, **extra):
+    """HF transformers' MixtralForCausalLM with the shapes of a moekit ModelConfig, on the GPU;
+    impl picks its experts implementation ("grouped_mm", "eager")."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    hcfg = MixtralConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                         num_key_value_heads=cfg.n_kv_heads, num_local_experts=cfg.n_experts,
+                         num_experts_per_tok=cfg.top_k, max_position_embeddings=cfg.max_seq_len,
+                         tie_word_embeddings=False, attn_implementation="sdpa", **extra)
+    hcfg._experts_implementation = impl
+    model = MixtralForCausalLM(hcfg).cuda()
+    return model.to(dtype) if dtype is not None else model

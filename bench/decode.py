@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import copy_tbps, env_info, gpu_tag, rel_err, write_result  # noqa: E402
+from bench.common import copy_tbps, env_info, gpu_tag, hf_mixtral, rel_err, write_result  # noqa: E402
 from moekit.config import preset  # noqa: E402
 from moekit.infer.engine import Engine, EngineConfig  # noqa: E402
 from moekit.infer.kv_cache import kv_bytes_per_token  # noqa: E402
@@ -49,15 +49,7 @@ def check_paged_kernel() -> dict:
 
 
 def hf_decode(cfg, prompt: torch.Tensor, new_tokens: int, impl: str) -> float:
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    hcfg = MixtralConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
-                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                         num_key_value_heads=cfg.n_kv_heads, num_local_experts=cfg.n_experts,
-                         num_experts_per_tok=cfg.top_k, max_position_embeddings=cfg.max_seq_len,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
-    hcfg._experts_implementation = impl
-    model = MixtralForCausalLM(hcfg).to("cuda", torch.bfloat16).eval()
+    model = hf_mixtral(cfg, impl, torch.bfloat16).eval()
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         model.generate(prompt, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up

@@ -11,7 +11,6 @@ Latency metrics as vLLM's benchmark_serving defines them: TTFT (arrival to first
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import env_info, gpu_tag, write_result  # noqa: E402
+from bench.common import env_info, gpu_tag, hf_mixtral, write_result  # noqa: E402
 from moekit.config import preset  # noqa: E402
 from moekit.infer.engine import Engine, EngineConfig  # noqa: E402
 from moekit.infer.sampling import SamplingParams  # noqa: E402
@@ -64,15 +63,7 @@ def run_moekit(model, requests, args) -> dict:
 
 
 def run_hf_static(cfg, requests, batch: int, impl: str) -> dict:
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    hcfg = MixtralConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
-                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                         num_key_value_heads=cfg.n_kv_heads, num_local_experts=cfg.n_experts,
-                         num_experts_per_tok=cfg.top_k, max_position_embeddings=cfg.max_seq_len,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
-    hcfg._experts_implementation = impl
-    model = MixtralForCausalLM(hcfg).to("cuda", torch.bfloat16).eval()
+    model = hf_mixtral(cfg, impl, torch.bfloat16).eval()
     n_out = 0
     torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import cuda_time_ms, env_info, gpu_tag, matmul_tflops, write_result  # noqa: E402
+from bench.common import cuda_time_ms, env_info, gpu_tag, hf_mixtral, matmul_tflops, write_result  # noqa: E402
 from moekit.config import preset  # noqa: E402
 from moekit.model.transformer import build_model, count_model  # noqa: E402
 
@@ -24,16 +24,7 @@ H100_BF16_SPEC = 989e12  # dense bf16 datasheet rate, SXM
 
 
 def hf_model(cfg, impl: str):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    hcfg = MixtralConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
-                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                         num_key_value_heads=cfg.n_kv_heads, num_local_experts=cfg.n_experts,
-                         num_experts_per_tok=cfg.top_k, max_position_embeddings=cfg.max_seq_len,
-                         output_router_logits=True, router_aux_loss_coef=cfg.balance_loss_coef,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
-    hcfg._experts_implementation = impl
-    return MixtralForCausalLM(hcfg).cuda()
+    return hf_mixtral(cfg, impl, output_router_logits=True, router_aux_loss_coef=cfg.balance_loss_coef)
 
 
 def run(impl: str, cfg, batch: int, seq: int, steps: int, compile_: bool, flops_per_token: float, peak: float):

@@ -57,7 +57,7 @@ class PagedAttentionLayer:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [1, H, T, hd]; k, v: [1, Hkv, T, hd] -> [1, H, T, hd]"""
         m = self.meta
-        H, T, hd = q.shape[1], q.shape[2], q.shape[3]
+        H, hd = q.shape[1], q.shape[3]
         Hkv = k.shape[1]
         kc = self.k_cache.view(-1, Hkv, hd)  # [num_blocks * bs, Hkv, hd]
         vc = self.v_cache.view(-1, Hkv, hd)

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from moekit.config import ModelConfig
 from moekit.model.attention import Attention, KVCache
 from moekit.model.layers import RMSNorm, SwiGLU, rope_frequencies
-from moekit.model.moe import Experts, MoELayer, Router, RouterStats
+from moekit.model.moe import Experts, MoELayer, RouterStats
 
 
 @dataclass
