@@ -70,6 +70,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--hf-impls", default="grouped_mm,eager")
     ap.add_argument("--compile", action="store_true", help="compile the decode step inside the CUDA graphs")
+    ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--profile", action="store_true", help="print the kernel table of 5 decode steps")
     args = ap.parse_args()
 
@@ -86,7 +87,7 @@ def main():
     roofline = bw * 1e12 / (weight_bytes + kv_bytes)
 
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=8, cuda_graphs=True,
+    engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=args.max_num_seqs, cuda_graphs=True,
                                               compile=args.compile))
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     t = time.perf_counter()

@@ -26,9 +26,14 @@ class ModelRunner:
         self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs] if (
             cuda_graphs and self.device.type == "cuda") else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self.pool = None
         # the decode graphs replay a compiled forward: fusing the many small elementwise kernels of
         # a decode step (norms, rotary, routing) is what brings it near the bandwidth limit
-        self.decode_forward = torch.compile(model, dynamic=True) if compile and self.graph_sizes else model
+        # (static shapes: one compilation per captured batch size, captured on first use)
+        self.decode_forward = torch.compile(model, dynamic=False) if compile and self.graph_sizes else model
+        if compile:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                        2 * len(GRAPH_BATCH_SIZES))
 
     # -- packing -----------------------------------------------------------------------------
     def _layers(self, meta: AttentionMetadata) -> list[PagedAttentionLayer]:
@@ -88,29 +93,27 @@ class ModelRunner:
         return self.decode_forward(buf["ids"], caches=self._layers(meta), positions=buf["pos"]).logits[0]
 
     @torch.inference_mode()
-    def capture_graphs(self) -> None:
-        """Capture the decode step at every bucket size (largest first, sharing one memory pool).
-        Padding rows write to the reserved scratch block 0 and attend to one position."""
-        pool = None
-        for b in sorted(self.graph_sizes, reverse=True):
-            buf = self._graph_inputs(b)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: Triton compilation, cuBLAS handles
-                    self._run_static(buf)
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                buf["logits"] = self._run_static(buf)
-            pool = g.pool()
-            self.graphs[b] = (g, buf)
+    def capture_graph(self, b: int) -> None:
+        """Capture the decode step for batch size b (on first use; all sizes share one memory
+        pool). Padding rows write to the reserved scratch block 0 and attend to one position."""
+        buf = self._graph_inputs(b)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: Triton and torch.compile compilation, cuBLAS handles
+                self._run_static(buf)
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            buf["logits"] = self._run_static(buf)
+        self.pool = g.pool()
+        self.graphs[b] = (g, buf)
 
     def _execute_graph(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
-        if not self.graphs:
-            self.capture_graphs()
         n = len(items)
         b = next(s for s in self.graph_sizes if s >= n)
+        if b not in self.graphs:
+            self.capture_graph(b)
         g, buf = self.graphs[b]
         ids = torch.zeros(b, dtype=torch.long)
         pos = torch.zeros(b, dtype=torch.long)

@@ -52,6 +52,22 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr,
     tl.store(ml_ptr + row * 2 + 1, l_i, mask=gmask)
 
 
+@triton.jit
+def _merge_splits(acc_ptr, ml_ptr, out_ptr, n_splits, HD: tl.constexpr, SP: tl.constexpr):
+    """One program per (row, head): weight each split by exp(max - global max) and normalise."""
+    r = tl.program_id(0)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, HD)
+    smask = s < n_splits
+    m = tl.load(ml_ptr + (r * n_splits + s) * 2, mask=smask, other=float("-inf"))
+    lsum = tl.load(ml_ptr + (r * n_splits + s) * 2 + 1, mask=smask, other=0.0)
+    w = tl.exp(m - tl.max(m, 0))
+    w = tl.where(m == float("-inf"), 0.0, w)  # splits past the context hold nothing
+    acc = tl.load(acc_ptr + (r * n_splits + s)[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
+    tl.store(out_ptr + r * HD + d, out.to(out_ptr.dtype.element_ty))
+
+
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor,
                         pages_per_split: int = 8) -> torch.Tensor:
@@ -69,8 +85,6 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         hd ** -0.5, pages_per_split, n_splits,
         G=G, GP=max(16, triton.next_power_of_2(G)), HD=hd, PAGE=page)
-    m, lsum = ml[..., 0], ml[..., 1]  # [B, H, S]
-    w = torch.exp(m - m.amax(-1, keepdim=True))  # splits past the context have m = -inf -> weight 0
-    w = torch.nan_to_num(w)
-    out = (acc * w[..., None]).sum(2) / (lsum * w).sum(-1)[..., None]
-    return out.to(q.dtype)
+    out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
+    _merge_splits[(B * H,)](acc, ml, out, n_splits, HD=hd, SP=triton.next_power_of_2(n_splits))
+    return out

@@ -45,6 +45,14 @@ class Router(nn.Module):
         exact = Fraction(str(self.capacity_factor)) * n_tokens * self.top_k / self.n_experts
         return math.ceil(exact)  # exact arithmetic: 1.1 * 100 * 2 / 4 is 55 slots, not 56
 
+    def _keep(self, experts: torch.Tensor, N: int) -> torch.Tensor:
+        """[N, k] False where capacity drops the assignment. GShard priority: every token's first
+        choice before any second choice, then by position."""
+        k = experts.shape[1]
+        choice_major = F.one_hot(experts.t().reshape(-1), self.n_experts)  # [k*N, E]
+        slot = ((choice_major.cumsum(0) - 1) * choice_major).sum(-1)  # [k*N] position in its expert
+        return (slot < self.capacity(N)).view(k, N).t()  # [N, k]
+
     def forward(self, x: torch.Tensor) -> Routing:
         N, E, k = x.shape[0], self.n_experts, self.top_k
         # routing decisions in float32: small logit differences pick experts
@@ -55,6 +63,11 @@ class Router(nn.Module):
             # Mixtral renormalises the k chosen gates so the output scale does not depend on k
             gates = gates / gates.sum(-1, keepdim=True)
 
+        if torch.is_inference_mode_enabled():
+            # serving: the balance and z losses are training signals; skip their ~10 kernels per layer
+            keep = self._keep(experts, N) if self.capacity_factor > 0 else None
+            zero = torch.zeros((), device=x.device)
+            return Routing(gates if keep is None else gates * keep, experts, keep, RouterStats(zero, zero, zero, zero))
         assigned = torch.zeros(E, device=x.device).scatter_add_(
             0, experts.reshape(-1), torch.ones(N * k, device=x.device))  # [E]
         frac = assigned / (N * k)  # [E] fraction of assignments, sums to 1
@@ -65,10 +78,7 @@ class Router(nn.Module):
         keep = None
         dropped = torch.zeros((), device=x.device)
         if self.capacity_factor > 0:
-            # GShard priority: every token's first choice before any second choice, then by position
-            choice_major = F.one_hot(experts.t().reshape(-1), E)  # [k*N, E]
-            slot = ((choice_major.cumsum(0) - 1) * choice_major).sum(-1)  # [k*N] position in its expert
-            keep = (slot < self.capacity(N)).view(k, N).t()  # [N, k]
+            keep = self._keep(experts, N)
             gates = gates * keep
             dropped = 1.0 - keep.float().mean()
         stats = RouterStats(balance, z_loss, frac.detach(), dropped.detach())

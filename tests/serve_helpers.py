@@ -1,0 +1,138 @@
+"""Helpers for tests/test_serve.py: a tiny checkpoint built without the corpus, and real uvicorn
+servers running in background threads on free ports."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import httpx
+import torch
+import uvicorn
+
+from moekit.config import ModelConfig, RunConfig
+from moekit.data.tokenizer import Tokenizer, train_tokenizer
+from moekit.infer.engine import Engine, EngineConfig
+from moekit.model.transformer import Transformer
+from moekit.serve import server as server_mod
+from moekit.serve.app import ServerConfig
+from moekit.train.checkpoint import save_checkpoint
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world, this is a tiny corpus for a tiny tokenizer.",
+    "Once upon a time there was a small language model.",
+    "The weather is nice today and the sun is shining.",
+    "She sells sea shells by the sea shore.",
+    "A journey of a thousand miles begins with a single step.",
+    "To be or not to be, that is the question.",
+    "All that glitters is not gold.",
+    "Please write a short poem about the ocean.",
+    "What is the capital of France? The capital of France is Paris.",
+    "def add(a, b):\n    return a + b\n",
+    "def greet(name):\n    print(f'hello {name}')\n",
+    "for i in range(10):\n    print(i)\n",
+    "import os\nimport sys\nimport json\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "while True:\n    break\n",
+    "if x > 0:\n    y = x * 2\nelse:\n    y = -x\n",
+    "numbers = [1, 2, 3, 4, 5]\ntotal = sum(numbers)\n",
+    "with open('data.txt') as f:\n    lines = f.readlines()\n",
+    "try:\n    run()\nexcept ValueError as e:\n    print(e)\n",
+    "return {'status': 'ok', 'count': len(items)}\n",
+    "The model generates one token at a time.",
+    "Tests make sure the server answers every request.",
+    "lambda x: x + 1",
+] * 3
+
+MODEL_KW = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=128, n_experts=4, top_k=2,
+                max_seq_len=256)
+ENGINE_KW = dict(kv_budget="4MiB", block_size=16, max_num_seqs=32)
+MODEL_NAME = "moekit"
+
+
+def make_checkpoint(run_dir: Path) -> tuple[Path, Tokenizer]:
+    tok = train_tokenizer(CORPUS, 300)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, **MODEL_KW)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    save_checkpoint(run_dir, step=1, model=model, cfg=RunConfig(model=cfg), tokenizer=tok, state={"step": 1})
+    return run_dir, tok
+
+
+@dataclass
+class Served:
+    """A running server: its URL, the app, and the engine behind it (for white-box checks)."""
+    url: str
+    port: int
+    app: object
+    aengine: object
+    engine: Engine
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def build(ckpt_dir: Path, engine_cfg: EngineConfig | None = None, **server_kw):
+    """moekit.serve.server.build_app, keeping hold of the AsyncEngine it creates."""
+    captured = {}
+    real = server_mod.create_app
+
+    def spy(aengine, tok, cfg):
+        captured["aengine"] = aengine
+        return real(aengine, tok, cfg)
+
+    with mock.patch.object(server_mod, "create_app", spy):
+        app = server_mod.build_app(str(ckpt_dir), "cpu", engine_cfg or EngineConfig(**ENGINE_KW),
+                                   ServerConfig(model_name=MODEL_NAME, **server_kw))
+    return app, captured["aengine"]
+
+
+def start_server(ckpt_dir: Path, engine_cfg: EngineConfig | None = None, uvicorn_kw: dict | None = None,
+                 **server_kw) -> Served:
+    app, aengine = build(ckpt_dir, engine_cfg, **server_kw)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **(uvicorn_kw or {}))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name=f"uvicorn-{port}")
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    return Served(f"http://127.0.0.1:{port}", port, app, aengine, aengine.engine, server, thread)
+
+
+def health(url: str) -> dict:
+    r = httpx.get(f"{url}/health", timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def wait_idle(url: str, timeout: float = 10.0) -> dict:
+    """Poll /health until nothing runs, waits, or holds KV blocks; return the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        h = health(url)
+        if h["running"] == 0 and h["waiting"] == 0 and h["kv_blocks_used"] == 0:
+            return h
+        if time.monotonic() > deadline:
+            return h
+        time.sleep(0.05)
