@@ -523,9 +523,6 @@ def test_stop_strings_and_deltas_with_multibyte_text(continuation, stops, expect
     assert_engine_idle(engine)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a trailing incomplete UTF-8 character uses up the stop-string "
-                                       "hold-back, so the start of a stop string ending in a multi-byte "
-                                       "character is released as a delta before the stop is detected")
 def test_stop_string_ending_in_a_split_multibyte_character():
     engine, tok, script = scripted_engine("ab\u20accd")  # the euro sign is 3 byte tokens
     stops = ["b\u20ac"]
@@ -616,9 +613,6 @@ def test_invalid_requests_raise_config_error_and_engine_keeps_working():
     assert_engine_idle(engine)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: non-integer token ids pass add_request's range check; the "
-                                       "next step() raises inside the model and the request stays "
-                                       "scheduled, so every later step fails too")
 def test_non_integer_token_ids_are_rejected():
     model = get_model()
     engine = Engine(model, None, EngineConfig(kv_budget="1MiB", block_size=BS))
@@ -669,8 +663,6 @@ def test_num_blocks_for_budget_parses_sizes():
         Engine(get_model(), None, EngineConfig(kv_budget="lots", block_size=BS))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an infinite size ('infMiB', '1e400KiB') raises OverflowError "
-                                       "from int(float('inf')), not ConfigError")
 @pytest.mark.parametrize("bad", ["infMiB", "1e400KiB"])
 def test_num_blocks_for_budget_rejects_infinite_sizes(bad):
     with pytest.raises(ConfigError):
@@ -837,9 +829,6 @@ async def _wait_until(cond, tries: int = 400):
     return cond()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a second generate() with an in-flight request id replaces the "
-                                       "first caller's queue; its rejection then aborts the first request "
-                                       "and the first consumer waits forever")
 def test_async_duplicate_request_id_does_not_break_the_first_stream():
     model = get_model()
     prompt = [1, 2, 3]
@@ -873,8 +862,6 @@ def test_async_duplicate_request_id_does_not_break_the_first_stream():
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: AsyncEngine.stop() aborts the in-flight requests but never "
-                                       "tells their consumers, which wait on their queues forever")
 def test_async_stop_ends_in_flight_streams():
     model = get_model()
 

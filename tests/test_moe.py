@@ -418,15 +418,14 @@ def test_single_expert_equals_swiglu(renorm, impl):
 
 @pytest.mark.parametrize("capacity", [0.0, 1.0])
 def test_inference_mode_routing_gives_the_same_output(capacity):
-    """Serving skips the aux-loss statistics; the layer output must not change."""
-    from moekit.config import ModelConfig
-    from moekit.model.moe import MoELayer
-
+    """Serving skips the aux-loss statistics and is dropless: the output equals the dropless layer's."""
     torch.manual_seed(0)
     layer = MoELayer(ModelConfig(d_model=32, ffn_dim=64, n_experts=4, top_k=2, n_heads=2, capacity_factor=capacity))
     x = torch.randn(50, 32)
     with torch.no_grad():
+        layer.router.capacity_factor = 0.0
         ref, _ = layer(x)
+        layer.router.capacity_factor = capacity
     with torch.inference_mode():
         out, stats = layer(x)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
+from moekit.errors import ConfigError
 from moekit.infer.engine import Engine, RequestOutput
 from moekit.infer.sampling import SamplingParams
 
@@ -27,10 +28,7 @@ class AsyncEngine:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        """Abort everything in flight and stop the loop."""
-        for rid in list(self._queues):
-            self._pending.append(("abort", rid))
-        self._apply_pending()
+        """Stop the loop (after the step in flight), abort everything, and tell every consumer."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -38,6 +36,10 @@ class AsyncEngine:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        for rid, q in list(self._queues.items()):
+            self._pending.append(("abort", rid))
+            q.put_nowait(RuntimeError("the engine is shutting down"))
+        self._apply_pending()
 
     @property
     def num_in_flight(self) -> int:
@@ -47,7 +49,8 @@ class AsyncEngine:
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs; cancelling the consumer aborts the request."""
         self.start()
-        # validate now, in the caller, so bad input raises here (the engine re-checks on add)
+        if request_id in self._queues or request_id in self.engine.requests:
+            raise ConfigError(f"request id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
         self._pending.append(("add", (request_id, prompt, params)))

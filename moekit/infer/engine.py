@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import time
 from dataclasses import dataclass, field
 
@@ -49,10 +50,18 @@ class EngineConfig:
     compile: bool = False  # torch.compile the decode step in the CUDA graphs (GPU; measured slower on H100 so far)
     seed: int = 0
 
+    def validate(self) -> "EngineConfig":
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len < 0:
+            raise ConfigError(f"max_model_len must be >= 0, got {self.max_model_len}")
+        return self
+
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None):
-        cfg = config or EngineConfig()
+        cfg = (config or EngineConfig()).validate()
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, cfg
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
@@ -77,7 +86,10 @@ class Engine:
                 raise ConfigError("a text prompt needs a tokenizer")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = list(prompt)
+            try:
+                ids = [operator.index(t) for t in prompt]
+            except TypeError:
+                raise ConfigError("prompt token ids must be integers") from None
         if not ids:
             ids = [self.eos_id if self.eos_id is not None else 0]
         vocab = self.model.cfg.vocab_size
@@ -169,10 +181,9 @@ class Engine:
             if cut >= 0:
                 text, reason = text[:cut], "stop"
             # hold back an incomplete UTF-8 character and a possible stop-string prefix
+            stable = len(text) - 1 if not reason and text.endswith("\ufffd") else len(text)
             hold = 0 if reason else max([len(s) - 1 for s in p.stop] + [0])
-            if not reason and text.endswith("\ufffd"):
-                hold = max(hold, 1)
-            release = max(ex["released"], len(text) - hold)
+            release = max(ex["released"], stable - hold)
             delta = text[ex["released"]:release]
             ex["released"] = release
             ex["text"] = text[:release]

@@ -41,6 +41,8 @@ class BlockAllocator:
         return [self._free.popleft() for _ in range(n)]
 
     def free(self, blocks: list[int]) -> None:
+        if len(self._free) + len(blocks) > self.num_blocks - 1:
+            raise RuntimeError("KV blocks freed twice")
         self._free.extend(blocks)
 
 
@@ -65,13 +67,13 @@ def num_blocks_for_budget(cfg: ModelConfig, budget: str | float | int, block_siz
             if s.endswith(u):
                 try:
                     budget = int(float(s[: -len(u)]) * mult)
-                except ValueError:
+                except (ValueError, OverflowError):
                     raise ConfigError(f"cannot read KV budget {budget!r}") from None
                 break
         else:
             try:
                 budget = float(s) if "." in s else int(s)
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise ConfigError(f"cannot read KV budget {budget!r} (bytes like '2GiB' or a fraction like 0.5)") from None
     if isinstance(budget, float):
         if not 0 < budget <= 1:

@@ -64,10 +64,10 @@ class Router(nn.Module):
             gates = gates / gates.sum(-1, keepdim=True)
 
         if torch.is_inference_mode_enabled():
-            # serving: the balance and z losses are training signals; skip their ~10 kernels per layer
-            keep = self._keep(experts, N) if self.capacity_factor > 0 else None
+            # serving is dropless (a token's output must not depend on the rest of the batch), and
+            # the balance and z losses are training signals: skip their ~10 kernels per layer
             zero = torch.zeros((), device=x.device)
-            return Routing(gates if keep is None else gates * keep, experts, keep, RouterStats(zero, zero, zero, zero))
+            return Routing(gates, experts, None, RouterStats(zero, zero, zero, zero))
         assigned = torch.zeros(E, device=x.device).scatter_add_(
             0, experts.reshape(-1), torch.ones(N * k, device=x.device))  # [E]
         frac = assigned / (N * k)  # [E] fraction of assignments, sums to 1
