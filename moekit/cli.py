@@ -12,6 +12,7 @@ import sys
 
 from moekit.errors import MoekitError
 from moekit.config import ModelConfig, RunConfig, TrainConfig, load_toml, preset, run_preset
+from moekit.errors import ConfigError
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
@@ -44,11 +45,60 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_plan(args) -> int:
-    from moekit.plan.counts import plan_main
+    import json
 
-    cfg = dataclasses.replace(preset(args.preset), **_overrides(args, ModelConfig, "model_")).validate()
-    print(plan_main(args.preset, cfg, args.json))
+    from rich.console import Console
+
+    from moekit.plan import costs
+    from moekit.plan.report import (PlanInputs, against, measured_decode_points, plan_model, render_against,
+                                    render_gpt4, render_model, roofline_png)
+
+    console = Console(width=max(120, Console().width))
+    out: dict = {}
+    if args.preset == "gpt4":
+        with console.capture() if args.json else _null():
+            out["gpt4"] = render_gpt4(console)
+        name = "gpt4-16x111b"
+    else:
+        name = args.preset
+    cfg = dataclasses.replace(preset(name), **_overrides(args, ModelConfig, "model_")).validate()
+    for v, flag in ((args.gpus, "--gpus"), (args.dp, "--dp"), (args.tp, "--tp"), (args.pp, "--pp"), (args.ep, "--ep")):
+        if v < 1:
+            raise ConfigError(f"{flag} must be >= 1")
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
+    try:
+        batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch-sizes must be integers separated by commas, got {args.batch_sizes!r}") from None
+    inp = PlanInputs(hardware=args.hardware, hardware_file=args.hardware_file, gpus=args.gpus, mfu=args.mfu,
+                     tokens=args.tokens, days=args.days, price=args.price,
+                     layout=costs.Layout(args.dp, args.tp, args.pp, args.ep), micro_batch=args.micro_batch,
+                     seq_len=args.seq_len, checkpointing=args.checkpointing, context=args.context,
+                     batch_sizes=batches)
+    if args.preset != "gpt4":
+        out.update(plan_model(name, cfg, inp), model=dataclasses.asdict(cfg))
+        if not args.json:
+            render_model(out, console)
+    if args.against:
+        out["against"] = against(args.against)
+        if not args.json:
+            render_against(out["against"], console, args.against)
+    if args.png:
+        path = roofline_png(cfg, name, inp, args.png, measured_decode_points(args.against))
+        if not args.json:
+            console.print(f"wrote {path}")
+    if args.json:
+        print(json.dumps(out, indent=2))
     return 0
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
 
 
 def cmd_train(args) -> int:
@@ -77,9 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit", description="Build, train, serve and size sparse MoE language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    plan = sub.add_parser("plan", help="parameter and FLOP counts of a preset (no memory used)")
-    plan.add_argument("preset")
+    plan = sub.add_parser("plan", help="cost and capacity plan of a preset ('gpt4' = the seeds' figures)")
+    plan.add_argument("preset", help="a preset name, or gpt4 for the seeds' table")
     plan.add_argument("--json", action="store_true", help="print JSON")
+    plan.add_argument("--hardware", default="h100-sxm", help="a100-40gb, a100-80gb, h100-sxm, h200, or one from --hardware-file")
+    plan.add_argument("--hardware-file", default=None, help="TOML with [gpu-name] tables overriding or adding hardware")
+    plan.add_argument("--gpus", type=int, default=8)
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation assumed for training")
+    plan.add_argument("--tokens", type=float, default=1e12, help="training tokens")
+    plan.add_argument("--days", type=float, default=0.0, help="a run length: report the MFU it implies")
+    plan.add_argument("--price", type=float, default=0.0, help="$ per GPU-hour (0 = the hardware default)")
+    plan.add_argument("--dp", type=int, default=1)
+    plan.add_argument("--tp", type=int, default=1)
+    plan.add_argument("--pp", type=int, default=1)
+    plan.add_argument("--ep", type=int, default=1)
+    plan.add_argument("--micro-batch", type=int, default=1)
+    plan.add_argument("--seq-len", type=int, default=0, help="0 = the model's max_seq_len")
+    plan.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    plan.add_argument("--context", type=int, default=2048, help="decode context length")
+    plan.add_argument("--batch-sizes", default="1,8,32,128,512", help="decode batch sizes")
+    plan.add_argument("--against", default=None, metavar="RESULT.json", help="predict a measured benchmark result")
+    plan.add_argument("--png", default=None, help="write a decode roofline plot here")
     _add_fields(plan, ModelConfig, "model_")
     plan.set_defaults(func=cmd_plan)
 

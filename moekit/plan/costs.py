@@ -128,6 +128,7 @@ class DecodeEstimate:
     bound: str  # "memory" or "compute"
     flop_utilisation: float
     step_bytes: float
+    fits: bool  # weights + this batch's KV cache fit in the GPUs' memory
 
 
 def decode_speed(cfg: ModelConfig, counts: ModelCounts, hw: Hardware, n_gpus: int, batch: int, context: int,
@@ -140,7 +141,9 @@ def decode_speed(cfg: ModelConfig, counts: ModelCounts, hw: Hardware, n_gpus: in
     t = max(t_mem, t_flop)
     tps = batch / t
     util = flops / t / (hw.bf16_flops * n_gpus)
-    return DecodeEstimate(batch, tps, 1 / t, "memory" if t_mem >= t_flop else "compute", util, step_bytes)
+    need = counts.total_params * bytes_per_param + batch * context * kv_bytes_per_token(cfg)
+    return DecodeEstimate(batch, tps, 1 / t, "memory" if t_mem >= t_flop else "compute", util, step_bytes,
+                          need <= hw.hbm_bytes * n_gpus)
 
 
 def serving_cost_per_1k(tokens_per_s: float, n_gpus: int, hw: Hardware, price_per_hour: float | None = None) -> float:
