@@ -117,6 +117,25 @@ def cmd_generate(args) -> int:
     return generate_main(args)
 
 
+def cmd_convert(args) -> int:
+    from moekit.interop.convert import convert_from_hf, convert_to_hf
+
+    if bool(args.from_hf) == bool(args.to_hf):
+        raise ConfigError("give exactly one of --from-hf DIR or --to-hf RUN")
+    out = convert_from_hf(args.from_hf, args.out) if args.from_hf else convert_to_hf(args.to_hf, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_upcycle(args) -> int:
+    from moekit.interop.convert import upcycle
+
+    out = upcycle(args.dense, args.experts, args.top_k, args.out, args.noise, seed=args.seed)
+    print(f"wrote {out}: every expert a copy of the dense MLP; continue with "
+          f"`moekit train --init-from {out} ...`")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from moekit.serve.server import serve_main
 
@@ -171,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--kv-budget", default="64MiB", help="KV cache size: bytes (e.g. 2GiB) or a fraction of free GPU memory")
     gen.set_defaults(func=cmd_generate)
+
+    conv = sub.add_parser("convert", help="moekit run <-> Hugging Face directory")
+    conv.add_argument("--from-hf", default=None, metavar="DIR", help="Llama, Mistral, Mixtral, OLMoE or Qwen2-MoE")
+    conv.add_argument("--to-hf", default=None, metavar="RUN")
+    conv.add_argument("--out", required=True)
+    conv.set_defaults(func=cmd_convert)
+
+    up = sub.add_parser("upcycle", help="turn a dense model into an MoE whose experts start as copies of its MLP")
+    up.add_argument("--dense", required=True, metavar="RUN_OR_HF_DIR")
+    up.add_argument("--experts", type=int, required=True)
+    up.add_argument("--top-k", type=int, default=2)
+    up.add_argument("--noise", type=float, default=0.0, help="std of noise added to each expert, relative to the weights' std")
+    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--out", required=True)
+    up.set_defaults(func=cmd_upcycle)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     srv.add_argument("--ckpt", required=True, metavar="RUN")

@@ -31,6 +31,9 @@ class ModelConfig:
     moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0 (GLaM: every other layer)
     renorm_gates: bool = True  # renormalise the k chosen gates to sum to 1 (Mixtral)
     capacity_factor: float = 0.0  # 0 -> dropless; else tokens beyond capacity are dropped
+    shared_expert_ffn: int = 0  # > 0: an always-on shared expert with a sigmoid gate (Qwen2-MoE)
+    qk_norm: bool = False  # RMSNorm on the q and k projections (OLMoE)
+    attn_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     balance_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     max_seq_len: int = 256
@@ -66,6 +69,8 @@ class ModelConfig:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.top_k > self.n_experts:
             raise ConfigError(f"top_k ({self.top_k}) must be <= n_experts ({self.n_experts})")
+        if self.shared_expert_ffn < 0:
+            raise ConfigError(f"shared_expert_ffn must be >= 0, got {self.shared_expert_ffn}")
         if not (0 <= self.capacity_factor < math.inf):
             raise ConfigError(f"capacity_factor must be a finite number >= 0 (0 = dropless), got {self.capacity_factor}")
         if not (1.0 <= self.rope_scaling < math.inf):
@@ -118,6 +123,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (pays off on GPU)
     activation_checkpointing: bool = False  # recompute blocks in the backward to save memory
     threads: int = 0  # torch CPU threads, 0 = torch default
+    init_from: str = ""  # start from these weights (moekit run or Hugging Face dir); its model config wins
     sample_prompt: str = "def "
     sample_tokens: int = 120
 

@@ -17,15 +17,18 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from moekit.errors import ConfigError
 
 EOT = "<|endoftext|>"
+# end-of-text spellings of other tokenizers (Llama, Llama 3, ChatML), tried in order
+EOS_CANDIDATES = (EOT, "</s>", "<|end_of_text|>", "<|im_end|>", "<eos>")
 
 
 class Tokenizer:
     def __init__(self, hf: HFTokenizer):
         self.hf = hf
-        eot = hf.token_to_id(EOT)
-        if eot is None:
-            raise ConfigError(f"tokenizer has no {EOT} token")
-        self.eot_id = eot
+        ids = [hf.token_to_id(t) for t in EOS_CANDIDATES]
+        found = [i for i in ids if i is not None]
+        if not found:
+            raise ConfigError(f"tokenizer has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
+        self.eot_id = found[0]
 
     @property
     def vocab_size(self) -> int:

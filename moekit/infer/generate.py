@@ -51,9 +51,15 @@ def sample_text(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_t
 
 
 def load_for_inference(path: str, device: str = "auto") -> tuple[Transformer, Tokenizer]:
+    """A moekit run or checkpoint folder, or a Hugging Face model directory."""
+    from moekit.interop.convert import model_from_source
+    from moekit.interop.hf import is_hf_dir
     from moekit.train import checkpoint as ckpt_io
     from moekit.train.trainer import resolve_device
 
+    if is_hf_dir(path):
+        model, tok = model_from_source(path, resolve_device(device))
+        return model.eval(), tok
     ckpt = ckpt_io.resolve_checkpoint(path)
     ckpt_io.verify(ckpt)
     cfg = ckpt_io.load_run_config(ckpt)

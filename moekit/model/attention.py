@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moekit.config import ModelConfig
-from moekit.model.layers import apply_rope
+from moekit.model.layers import RMSNorm, apply_rope
 
 
 class KVCache:
@@ -48,17 +48,23 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.hd
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.hd, bias=False)
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.hd, bias=cfg.attn_bias)
         # one K/V head shared by all query heads is multi-query attention (Shazeer, 2019)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=cfg.attn_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=cfg.attn_bias)
         self.wo = nn.Linear(cfg.n_heads * self.hd, cfg.d_model, bias=False)
+        # QK-norm (OLMoE): RMSNorm over the whole q and k projections, before the heads split
+        self.q_norm = RMSNorm(cfg.n_heads * self.hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.n_kv_heads * self.hd, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        q, k = self.wq(x), self.wk(x)  # [B, T, H * hd], [B, T, Hkv * hd]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:

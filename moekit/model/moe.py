@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moekit.config import ModelConfig
+from moekit.model.layers import SwiGLU
 from moekit.ops.experts import combine, grouped_mm_supported, sort_by_expert, swiglu_grouped, swiglu_loop
 
 
@@ -123,10 +124,15 @@ class MoELayer(nn.Module):
         super().__init__()
         self.router = Router(cfg)
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.ffn_dim, cfg.expert_impl)
+        # Qwen2-MoE: an always-on shared expert, scaled by a per-token sigmoid gate
+        self.shared_expert = SwiGLU(cfg.d_model, cfg.shared_expert_ffn) if cfg.shared_expert_ffn else None
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_ffn else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, d]
         routing = self.router(x)
         y = self.experts(x, routing)  # [N, d]
+        if self.shared_expert is not None:
+            y = y + torch.sigmoid(self.shared_gate(x)) * self.shared_expert(x)
         return y.view(shape), routing.stats

@@ -76,7 +76,7 @@ class Transformer(nn.Module):
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
             if p.dim() == 1:
-                p.fill_(1.0)  # norm weights
+                p.fill_(0.0 if name.endswith(".bias") else 1.0)  # biases 0, norm weights 1
                 continue
             s = out_std if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else std
             if g is None:

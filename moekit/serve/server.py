@@ -18,7 +18,9 @@ def build_app(ckpt: str, device: str = "auto", engine_cfg: EngineConfig | None =
     if model.embed.weight.is_cuda:
         model = model.to(torch.bfloat16)
     server_cfg = server_cfg or ServerConfig()
-    server_cfg.chat_template = load_chat_template(ckpt_io.resolve_checkpoint(ckpt))
+    from moekit.interop.hf import is_hf_dir
+
+    server_cfg.chat_template = load_chat_template(ckpt if is_hf_dir(ckpt) else ckpt_io.resolve_checkpoint(ckpt))
     engine = Engine(model, tok, engine_cfg or EngineConfig())
     return create_app(AsyncEngine(engine), tok, server_cfg)
 

@@ -4,6 +4,7 @@ bf16 autocast on GPU, MoE aux losses, per-source validation, checkpoints and exa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -191,9 +192,21 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
                                 f"--resume {run_dir}, or choose another --out-dir")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    init_sd = None
+    if ckpt is None and cfg.train.init_from:
+        from moekit.interop.convert import load_source
+
+        src_cfg, init_sd, tokenizer, _ = load_source(cfg.train.init_from)
+        # the weights decide the architecture; keep the run's context length if it is longer
+        cfg.model = dataclasses.replace(src_cfg, max_seq_len=max(src_cfg.max_seq_len, cfg.train.seq_len))
+        cfg.validate()
     device = resolve_device(cfg.train.device)
     data = prepare_data(cfg, tokenizer)
     trainer = Trainer(cfg, run_dir, data, device)
+    if init_sd is not None:
+        if cfg.model.tie_embeddings:
+            init_sd = {k: v for k, v in init_sd.items() if k != "lm_head.weight"}
+        trainer.model.load_state_dict(init_sd, strict=not cfg.model.tie_embeddings)
     logger = MetricsLogger(run_dir)
     if ckpt is not None:
         trainer.load(ckpt)
