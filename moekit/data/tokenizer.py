@@ -43,6 +43,17 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (a piece of a UTF-8 character stays a piece)."""
+        piece = self.hf.id_to_token(token_id) or ""
+        table = _byte_decoder()
+        if piece and all(ch in table for ch in piece) and self.hf.token_to_id(piece) not in self._special_ids():
+            return bytes(table[ch] for ch in piece)
+        return piece.encode("utf-8")
+
+    def _special_ids(self) -> set[int]:
+        return {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), self.hf.to_str())
 
@@ -55,6 +66,25 @@ class Tokenizer:
             return cls(HFTokenizer.from_file(str(path)))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise ConfigError(f"cannot read tokenizer {path}: {e}") from None
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable characters standing for the bytes 0..255."""
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        chars, n = {}, 0
+        for b in range(256):
+            if b in keep:
+                chars[b] = chr(b)
+            else:
+                chars[b] = chr(256 + n)
+                n += 1
+        _BYTE_DECODER = {c: b for b, c in chars.items()}
+    return _BYTE_DECODER
+
+
+_BYTE_DECODER: dict[str, int] | None = None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -21,6 +21,7 @@ class AsyncEngine:
         self._pending: list[tuple[str, object]] = []  # ("add", (rid, prompt, params)) | ("abort", rid)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self.errors = 0
 
     def start(self) -> None:
@@ -28,14 +29,14 @@ class AsyncEngine:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        """Stop the loop (after the step in flight), abort everything, and tell every consumer."""
+        """Stop the loop once the step in flight has finished (the engine is single-threaded),
+        then abort everything and tell every consumer."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            self._stopping = True
+            self._wake.set()
+            await self._task
             self._task = None
+            self._stopping = False
         for rid, q in list(self._queues.items()):
             self._pending.append(("abort", rid))
             q.put_nowait(RuntimeError("the engine is shutting down"))
@@ -85,11 +86,11 @@ class AsyncEngine:
                 self.engine.abort(arg)
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             self._apply_pending()
             if not self.engine.has_unfinished():
                 self._wake.clear()
-                if not self._pending:
+                if not self._pending and not self._stopping:
                     await self._wake.wait()
                 continue
             try:

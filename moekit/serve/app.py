@@ -25,6 +25,7 @@ from moekit.infer.async_engine import AsyncEngine
 from moekit.infer.engine import RequestOutput
 from moekit.infer.sampling import SamplingParams
 from moekit.serve.chat import DEFAULT_CHAT_TEMPLATE, render_chat
+from moekit.serve.guard import GuardMiddleware
 from moekit.serve.metrics import ServerMetrics
 from moekit.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -94,27 +95,14 @@ def create_app(aengine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig | N
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error", None, None), status_code=e.status_code)
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error", None, None), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request, e: Exception):
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        start = time.monotonic()
-        if request.url.path.startswith("/v1/"):
-            if cfg.api_key is not None and request.headers.get("authorization") != f"Bearer {cfg.api_key}":
-                return JSONResponse(error_body("invalid or missing API key", "invalid_request_error", None,
-                                               "invalid_api_key"), status_code=401)
-            size = request.headers.get("content-length")
-            if size is not None and (not size.isdigit() or int(size) > cfg.max_body_bytes):
-                return JSONResponse(error_body(f"request body larger than {cfg.max_body_bytes} bytes",
-                                               "invalid_request_error", None, "body_too_large"), status_code=413)
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            metrics.request(request.url.path, response.status_code, time.monotonic() - start)
-        return response
+    app.add_middleware(GuardMiddleware, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes, metrics=metrics)
 
     # -- helpers -------------------------------------------------------------------------------
     def check_model(name: str) -> None:
@@ -122,7 +110,8 @@ def create_app(aengine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig | N
             raise APIError(404, f"model {name!r} does not exist; this server serves {cfg.model_name!r}",
                            param="model", code="model_not_found")
 
-    def sampling(req, max_tokens: int | None, prompt_len: int, param: str, logprobs: int | None) -> list[SamplingParams]:
+    def sampling(req, max_tokens: int | None, prompt_len: int, param: str, logprobs: int | None,
+                 max_param: str = "max_tokens") -> list[SamplingParams]:
         room = engine.max_model_len - prompt_len
         if room <= 0:
             raise APIError(400, f"the prompt has {prompt_len} tokens; the context window is {engine.max_model_len}",
@@ -131,7 +120,7 @@ def create_app(aengine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig | N
             max_tokens = min(cfg.default_max_tokens, room)
         elif max_tokens > room:
             raise APIError(400, f"max_tokens {max_tokens} + prompt {prompt_len} tokens exceeds the context window "
-                                f"of {engine.max_model_len}", param="max_tokens", code="context_length_exceeded")
+                                f"of {engine.max_model_len}", param=max_param, code="context_length_exceeded")
         out = []
         for i in range(req.n):
             sp = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
@@ -144,77 +133,98 @@ def create_app(aengine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig | N
                 raise APIError(400, str(e)) from None
         return out
 
+    admitted = {"n": 0}  # choices admitted and not yet finished: the bound on work in flight
+
     def admit(n: int) -> None:
-        if aengine.num_in_flight + n > cfg.max_pending:
+        if admitted["n"] + n > cfg.max_pending:
             raise APIError(429, "the server is at capacity; retry shortly", type="rate_limit_error",
                            code="server_overloaded", headers={"Retry-After": "1"})
+        admitted["n"] += n
 
     async def run_choice(ids: list[int], sp: SamplingParams, rid: str, choice: _Choice, queue: asyncio.Queue | None):
         t_first = None
         out: RequestOutput | None = None
-        async for out in aengine.generate(ids, sp, rid):
-            if t_first is None:
-                t_first = time.monotonic()
-                metrics.first_token(t_first - out.arrival_time)  # engine and server share time.monotonic
-            choice.token_ids += out.new_token_ids
-            choice.text += out.delta
-            choice.logprobs += list(zip(out.new_token_ids, out.new_logprobs))
-            if out.finished:
-                choice.finish_reason = out.finish_reason
-            if queue is not None:
-                await queue.put((choice.index, out))
+        try:
+            async for out in aengine.generate(ids, sp, rid):
+                if t_first is None:
+                    t_first = time.monotonic()  # engine and server share time.monotonic
+                    metrics.first_token(t_first - out.arrival_time)
+                choice.token_ids += out.new_token_ids
+                choice.text += out.delta
+                choice.logprobs += list(zip(out.new_token_ids, out.new_logprobs))
+                if out.finished:
+                    choice.finish_reason = out.finish_reason
+                if queue is not None:
+                    await queue.put((choice.index, out))
+        finally:
+            admitted["n"] -= 1
         if out is not None:
             metrics.finished(len(ids), len(choice.token_ids), time.monotonic() - out.arrival_time,
                              None if t_first is None else t_first - out.arrival_time)
 
-    async def run_all(ids, params, queue=None, request: Request | None = None) -> list[_Choice]:
+    def start_choices(ids, params, queue=None) -> tuple[list[asyncio.Task], list[_Choice]]:
+        """Submit every choice at once (right after admit(): the admission count stays exact)."""
         base = uuid.uuid4().hex
         choices = [_Choice(i) for i in range(len(params))]
         tasks = [asyncio.create_task(run_choice(ids, sp, f"{base}-{i}", c, queue))
                  for i, (sp, c) in enumerate(zip(params, choices))]
-        watcher = asyncio.create_task(watch_disconnect(request, tasks)) if request is not None else None
+        return tasks, choices
+
+    async def finish_all(tasks) -> None:
+        for t in tasks:
+            t.cancel()  # aborts the engine request when unfinished
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def run_all(ids, params, request: Request) -> list[_Choice]:
+        tasks, choices = start_choices(ids, params)
+        watcher = asyncio.create_task(watch_disconnect(request, tasks))
         try:
-            done = asyncio.gather(*tasks)
-            await asyncio.wait_for(done, timeout=cfg.request_timeout)
-        except asyncio.TimeoutError:
-            raise APIError(408, f"request took longer than {cfg.request_timeout:g} s", type="timeout_error",
-                           code="request_timeout") from None
-        except MoekitError as e:
-            raise APIError(400, str(e)) from None
+            done, pending = await asyncio.wait(tasks, timeout=cfg.request_timeout,
+                                               return_when=asyncio.FIRST_EXCEPTION)
+            if pending:
+                if watcher.done() and watcher.result():
+                    raise APIError(499, "client closed the request", code="client_closed")
+                raise APIError(408, f"request took longer than {cfg.request_timeout:g} s", type="timeout_error",
+                               code="request_timeout")
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    e = t.exception()
+                    raise APIError(400, str(e)) if isinstance(e, MoekitError) else e
         finally:
-            for t in tasks:
-                t.cancel()  # aborts in the engine when unfinished
-            if watcher is not None:
-                watcher.cancel()
+            watcher.cancel()
+            await finish_all(tasks)
         return choices
 
-    async def watch_disconnect(request: Request, tasks):
+    async def watch_disconnect(request: Request, tasks) -> bool:
         while not all(t.done() for t in tasks):
             if await request.is_disconnected():
                 for t in tasks:
                     t.cancel()
-                return
-            await asyncio.sleep(0.1)
+                return True
+            await asyncio.sleep(0.05)
+        return False
 
     def token_str(t: int) -> str:
         return tokenizer.decode([t])
 
-    def completion_logprobs(choice: _Choice, start_offset: int = 0) -> dict:
+    def completion_logprobs(pairs, start_offset: int = 0) -> dict:
         tokens, lps, tops, offsets = [], [], [], []
         off = start_offset
-        for tok, lp in choice.logprobs:
+        for tok, lp in pairs:
             s = token_str(tok)
             tokens.append(s)
             lps.append(lp[0])
-            tops.append({token_str(t): v for t, v in lp[1]})
+            top: dict[str, float] = {}
+            for t, v in lp[1]:  # best first; tokens that decode alike keep the best entry
+                top.setdefault(token_str(t), v)
+            tops.append(top)
             offsets.append(off)
             off += len(s)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     def chat_logprobs(pairs) -> dict:
         def entry(t, v):
-            s = token_str(t)
-            return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+            return {"token": token_str(t), "logprob": v, "bytes": list(tokenizer.token_bytes(t))}
         return {"content": [{**entry(tok, lp[0]), "top_logprobs": [entry(t, v) for t, v in lp[1]]}
                             for tok, lp in pairs]}
 
@@ -225,46 +235,48 @@ def create_app(aengine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig | N
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def stream_response(ids, params, make_chunk, include_usage: bool, request: Request, chat: bool):
+    def stream_response(ids, params, make_chunk, include_usage: bool, chat: bool) -> StreamingResponse:
         queue: asyncio.Queue = asyncio.Queue()
+        tasks, choices = start_choices(ids, params, queue)
+        offsets = [0] * len(params)  # completion text_offset runs on across chunks
 
         async def gen():
-            choices_holder: list[_Choice] = []
-            runner = asyncio.create_task(_collect(choices_holder))
-            if chat:
-                for i in range(len(params)):
-                    yield sse(make_chunk(i, {"role": "assistant", "content": ""}, None, None))
             try:
+                if chat:
+                    for i in range(len(params)):
+                        yield sse(make_chunk(i, {"role": "assistant", "content": ""}, None, None))
+                deadline = time.monotonic() + cfg.request_timeout
                 finished = 0
                 while finished < len(params):
-                    get = asyncio.create_task(queue.get())
-                    done, _ = await asyncio.wait({get, runner}, return_when=asyncio.FIRST_COMPLETED)
-                    if get not in done:
-                        get.cancel()
-                        if runner.exception() is not None:
-                            e = runner.exception()
-                            msg = e.message if isinstance(e, APIError) else str(e)
-                            yield sse(error_body(msg, getattr(e, "type", "server_error")))
-                            break
-                        continue
-                    idx, out = get.result()
+                    try:
+                        if time.monotonic() > deadline:
+                            raise asyncio.TimeoutError
+                        idx, out = await asyncio.wait_for(queue.get(), timeout=max(0.001, deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        yield sse(error_body(f"request took longer than {cfg.request_timeout:g} s", "timeout_error",
+                                             None, "request_timeout"))
+                        break
                     lp = None
                     if out.new_logprobs:
                         pairs = list(zip(out.new_token_ids, out.new_logprobs))
-                        lp = chat_logprobs(pairs) if chat else completion_logprobs(_Choice(idx, logprobs=pairs))
+                        if chat:
+                            lp = chat_logprobs(pairs)
+                        else:
+                            lp = completion_logprobs(pairs, offsets[idx])
+                    offsets[idx] += sum(len(token_str(t)) for t in out.new_token_ids)
                     if out.delta or lp or out.finished:
                         yield sse(make_chunk(idx, out.delta, lp, out.finish_reason))
                     finished += out.finished
-                if include_usage and runner.done() is False:
-                    await runner
-                if include_usage and choices_holder:
-                    yield sse(make_chunk(None, None, None, None, usage(len(ids), choices_holder)))
+                    if all(t.done() for t in tasks) and queue.empty() and finished < len(params):
+                        failed = [t.exception() for t in tasks if not t.cancelled() and t.exception()]
+                        if failed:
+                            yield sse(error_body(str(failed[0]), "invalid_request_error"))
+                            break
+                if include_usage and finished == len(params):
+                    yield sse(make_chunk(None, None, None, None, usage(len(ids), choices)))
                 yield "data: [DONE]\n\n"
             finally:
-                runner.cancel()
-
-        async def _collect(holder):
-            holder.extend(await run_all(ids, params, queue))
+                await finish_all(tasks)
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 
@@ -308,11 +320,11 @@ def create_app(aengine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig | N
                     return {**base, "choices": [], "usage": use}
                 return {**base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return await stream_response(ids, params, chunk, include, request, chat=False)
+            return stream_response(ids, params, chunk, include, chat=False)
         choices = await run_all(ids, params, request=request)
         return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
                 "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                             "logprobs": completion_logprobs(c) if body.logprobs is not None else None}
+                             "logprobs": completion_logprobs(c.logprobs) if body.logprobs is not None else None}
                             for c in choices],
                 "usage": usage(len(ids), choices)}
 
@@ -326,7 +338,8 @@ def create_app(aengine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig | N
         ids = encode_prompt(text, "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         lp = (body.top_logprobs or 0) if body.logprobs else None
-        params = sampling(body, max_tokens, len(ids), "messages", lp)
+        params = sampling(body, max_tokens, len(ids), "messages", lp,
+                          "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         admit(len(params))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
@@ -337,7 +350,7 @@ def create_app(aengine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig | N
                 d = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
                 return {**base, "choices": [{"index": i, "delta": d, "logprobs": lp_, "finish_reason": finish}]}
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return await stream_response(ids, params, chunk, include, request, chat=True)
+            return stream_response(ids, params, chunk, include, chat=True)
         choices = await run_all(ids, params, request=request)
         return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_N = 16
 MAX_STOP = 4
@@ -14,12 +14,13 @@ MAX_TOP_LOGPROBS = 20
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "yes" is not a bool and "2" is not an int (JSON numbers still fill float fields)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -55,11 +56,12 @@ class _Common(BaseModel):
             raise ValueError("logit_bias is not supported")
         return v
 
-    @model_validator(mode="after")
-    def _stream_options(self):
-        if self.stream_options is not None and not self.stream:
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
-        return self
+        return v
 
 
 class CompletionRequest(_Common):
@@ -72,7 +74,9 @@ class CompletionRequest(_Common):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
-        if isinstance(v, list):
+        if isinstance(v, list) and v and all(isinstance(t, int) for t in v):
+            pass  # one prompt of token ids
+        elif isinstance(v, list):
             if len(v) != 1:
                 raise ValueError("exactly one prompt per request is supported (use n for several completions)")
             v = v[0]
@@ -82,25 +86,36 @@ class CompletionRequest(_Common):
             raise ValueError("a token prompt must be a non-empty list of token ids >= 0")
         return v
 
-    @model_validator(mode="after")
-    def _unsupported(self):
-        if self.echo:
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v):
+        if v:
             raise ValueError("echo is not supported")
-        if self.suffix:
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        if v:
             raise ValueError("suffix is not supported")
-        if self.best_of is not None and self.best_of != self.n:
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v, info: ValidationInfo):
+        if v is not None and v != info.data.get("n", 1):
             raise ValueError("best_of must equal n (server-side best-of is not supported)")
-        return self
+        return v
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart]]
     name: str | None = None
@@ -116,10 +131,16 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    @model_validator(mode="after")
-    def _checks(self):
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
-        if all(not m.text for m in self.messages):
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, v):
+        if all(not m.text for m in v):
             raise ValueError("messages must contain some text")
-        return self
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return v
