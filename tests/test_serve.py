@@ -3,8 +3,7 @@
 a bounded load test with disconnecting clients, Prometheus metrics and graceful shutdown.
 
 A tiny random model and a byte-level tokenizer trained on a few sentences stand in for a trained
-checkpoint (see serve_helpers.py). Tests marked xfail(strict=True) pin library bugs: each says what
-is wrong, and turns into a failure (XPASS) once the bug is fixed so the mark can be removed.
+checkpoint (see serve_helpers.py).
 """
 
 from __future__ import annotations

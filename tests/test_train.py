@@ -459,3 +459,15 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path, cache_
     train_main(None, resume=str(run), progress=False)
     assert ckpt_io.resolve_checkpoint(run) == ckpt_path(run, 6)
     assert [r["step"] for r in read_metrics(run)] == list(range(0, 7))
+
+
+def test_plot_run_of_a_dense_model_writes_only_the_loss_plot(tmp_path):
+    """A dense model (n_experts=1) logs empty expert loads; plotting must not fail on them."""
+    from moekit.train.metrics import MetricsLogger, plot_run
+
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for step in range(1, 4):
+        log.log(step, {"loss": 5.0 - step, "expert_load": []})
+    plots = plot_run(tmp_path)
+    assert [p.name for p in plots] == ["loss.png"]
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

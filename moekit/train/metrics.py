@@ -72,7 +72,7 @@ def plot_run(run_dir: Path, baseline: float | None = None) -> list[Path]:
     plt.close(fig)
     out.append(run_dir / "loss.png")
 
-    loads = [r["expert_load"] for r in train[-20:] if "expert_load" in r]
+    loads = [r["expert_load"] for r in train[-20:] if r.get("expert_load")]  # dense models log none
     if loads:
         load = np.mean(np.asarray(loads), axis=0)  # [moe layers, experts]
         fig, ax = plt.subplots(figsize=(1.2 + 0.5 * load.shape[1], 1.2 + 0.45 * load.shape[0]))
