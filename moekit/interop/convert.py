@@ -43,6 +43,8 @@ def model_from_source(path: str | Path, device: str | torch.device = "cpu") -> t
 def save_as_run(model: Transformer, tok: Tokenizer, out: str | Path) -> Path:
     """A checkpoint at step 0 that `generate`, `serve` and `train --init-from` read."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} exists and is not a directory")
     if ckpt_io.list_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints; choose another --out")
     train = TrainConfig(out_dir=str(out), seq_len=min(TrainConfig().seq_len, model.cfg.max_seq_len))

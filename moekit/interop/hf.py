@@ -90,9 +90,14 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def arch_for(cfg: ModelConfig) -> str:
+    """The Hugging Face architecture that holds this config exactly, or a ConfigError."""
     if cfg.n_experts == 1:
+        if cfg.qk_norm or cfg.attn_bias:
+            raise ConfigError("no Hugging Face architecture here holds a dense model with qk_norm or attn_bias")
         return "llama"
     if cfg.qk_norm:
+        if cfg.shared_expert_ffn or cfg.attn_bias or cfg.moe_every > 1:
+            raise ConfigError("OLMoE (the qk_norm layout) has no shared expert, attention bias or dense layers")
         return "olmoe"
     if cfg.shared_expert_ffn or cfg.attn_bias or cfg.moe_every > 1 or not cfg.renorm_gates:
         if cfg.moe_every > 1 and not cfg.shared_expert_ffn:
@@ -204,6 +209,8 @@ def from_hf_state(cfg: ModelConfig, arch: str, hf: dict[str, torch.Tensor]) -> d
                 sd[b + f"ffn.{ours}.weight"] = take(h + f"mlp.{theirs}.weight")
             continue
         p = h + _moe_prefix(arch) + "."
+        if p + "gate.weight" not in hf and h + "mlp.gate.weight" in hf:
+            p = h + "mlp."  # transformers 5's in-memory Mixtral names the block mlp
         sd[b + "ffn.router.weight"] = take(p + "gate.weight")
         f = cfg.ffn_dim
         if p + "experts.gate_up_proj" in hf:  # fused layout: [E, 2f, d] and [E, d, f]
@@ -268,8 +275,8 @@ def save_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor], out: str | Path, toke
             eos_id: int | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write config.json, sharded safetensors + index, tokenizer files; atomically (temp + rename)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"output directory {out} exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output {out} exists and is not empty (or is not a directory)")
     hf = to_hf_state(cfg, sd)
     dtype = str(next(iter(hf.values())).dtype).removeprefix("torch.")
     out.parent.mkdir(parents=True, exist_ok=True)
