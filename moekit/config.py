@@ -256,15 +256,19 @@ def run_config_from_dict(d: dict[str, Any], base: RunConfig | None = None) -> Ru
     return RunConfig(model=model, train=train, data=data)
 
 
-def load_toml(path: str | Path) -> RunConfig:
+def read_toml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A TOML file as a dict, or one clear ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
-        d = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    return run_config_from_dict(d)
+
+
+def load_toml(path: str | Path) -> RunConfig:
+    return run_config_from_dict(read_toml(path))
 
 
 def _toml_value(v: Any) -> str:

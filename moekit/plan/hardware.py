@@ -4,10 +4,10 @@ Override or add entries with a TOML file: one table per GPU, the fields of `Hard
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from moekit.config import read_toml
 from moekit.errors import ConfigError
 
 
@@ -34,13 +34,7 @@ def load_hardware(path: str | Path | None = None) -> dict[str, Hardware]:
     table = dict(HARDWARE)
     if path is None:
         return table
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"hardware file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    data = read_toml(path, "hardware")
     names = {f.name for f in dataclasses.fields(Hardware)} - {"name"}
     for name, fields in data.items():
         if not isinstance(fields, dict):
