@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit", description="Build, train, serve and size sparse MoE language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    plan = sub.add_parser("plan", help="cost and capacity plan of a preset ('gpt4' = the seeds' figures)")
-    plan.add_argument("preset", help="a preset name, or gpt4 for the seeds' table")
+    plan = sub.add_parser("plan", help="cost and capacity plan of a preset ('gpt4' = the published GPT-4 figures)")
+    plan.add_argument("preset", help="a preset name, or gpt4 for the published GPT-4 figures")
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.add_argument("--hardware", default="h100-sxm", help="a100-40gb, a100-80gb, h100-sxm, h200, or one from --hardware-file")
     plan.add_argument("--hardware-file", default=None, help="TOML with [gpu-name] tables overriding or adding hardware")

@@ -22,7 +22,7 @@ class ModelConfig:
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
-    n_kv_heads: int = 1  # 1 = multi-query (GPT-4 per the seeds); < n_heads = grouped-query
+    n_kv_heads: int = 1  # 1 = multi-query (GPT-4, as publicly reported); < n_heads = grouped-query
     head_dim: int = 0  # 0 -> d_model // n_heads
     ffn_dim: int = 512  # hidden size of each expert's SwiGLU MLP
     dense_ffn_dim: int = 0  # hidden size of dense (non-MoE) layers; 0 -> ffn_dim
@@ -162,7 +162,7 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Presets. GPT-4 widths are chosen so that the counts match the seeds (see `moekit plan`):
+# Presets. GPT-4 widths are chosen so that the counts match the public GPT-4 reports (see `moekit plan`):
 # 16 experts x ~111B MLP params + ~55B shared attention = ~1.8T total, ~280B active.
 
 PRESETS: dict[str, ModelConfig] = {

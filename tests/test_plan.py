@@ -13,7 +13,7 @@ from moekit.config import ModelConfig
 from moekit.model.transformer import count_config
 from moekit.plan import costs
 from moekit.plan.hardware import HARDWARE, get_hardware, load_hardware
-from moekit.plan.seeds import gpt4_rows
+from moekit.plan.gpt4 import gpt4_rows
 
 ROWS = {r.name: r for r in gpt4_rows()}
 

@@ -2,7 +2,7 @@
 sequences. Deterministic for a seed; the cursor is a small dict saved in checkpoints.
 
 One *pass* holds every training document of source s exactly epochs[s] times (GPT-4's data per
-the seeds: text 2 epochs, code 4). Within a pass each source's occurrences are shuffled epoch by
+as reported for GPT-4: text 2 epochs, code 4). Within a pass each source's occurrences are shuffled epoch by
 epoch, and sources are interleaved document by document, picking among the sources that still
 have documents with probability proportional to their weights. Documents are joined by the
 end-of-text token and cut into sequences of seq_len + 1 tokens (inputs and shifted targets);

@@ -153,7 +153,7 @@ def serving_cost_per_1k(tokens_per_s: float, n_gpus: int, hw: Hardware, price_pe
 
 def dense_decode_tokens_per_s(params: float, bytes_per_param: float, bandwidth: float,
                               overhead: float = 1.0) -> float:
-    """A dense model reads every parameter per token; overhead multiplies the bytes (the seeds'
+    """A dense model reads every parameter per token; overhead multiplies the bytes (the published
     chart counts KV reads, unfused ops and hardware overhead as equal to the parameter reads: 2)."""
     return bandwidth / (params * bytes_per_param * overhead)
 

@@ -22,7 +22,7 @@ class Hardware:
 
 
 HARDWARE: dict[str, Hardware] = {
-    # $1.10 per A100-hour is the rental rate behind the seeds' $63M estimate
+    # $1.10 per A100-hour is the rental rate behind the reported $63M estimate
     "a100-40gb": Hardware("a100-40gb", 312e12, 40e9, 1.555e12, 600e9, 1.10),
     "a100-80gb": Hardware("a100-80gb", 312e12, 80e9, 2.039e12, 600e9, 1.50),
     "h100-sxm": Hardware("h100-sxm", 989e12, 80e9, 3.35e12, 900e9, 2.50),

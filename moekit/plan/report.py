@@ -1,4 +1,4 @@
-"""`moekit plan`: the planner's report for a preset (or the seeds' GPT-4 table), as rich tables,
+"""`moekit plan`: the planner's report for a preset (or the published GPT-4 table), as rich tables,
 JSON or a roofline PNG, and a self-check against measured benchmark results."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from moekit.model.transformer import count_config
 from moekit.plan import costs
 from moekit.plan.counts import human as _human
 from moekit.plan.hardware import Hardware, get_hardware
-from moekit.plan.seeds import format_value, gpt4_rows
+from moekit.plan.gpt4 import format_value, gpt4_rows
 
 
 @dataclass
@@ -110,9 +110,9 @@ def render_model(r: dict, console: Console) -> None:
 
 def render_gpt4(console: Console) -> list[dict]:
     rows = gpt4_rows()
-    tab = Table(title="moekit plan gpt4: the seeds' figures recomputed from the gpt4-16x111b preset")
-    for col in ("figure", "moekit", "seeds", "ratio", "note"):
-        tab.add_column(col, justify="right" if col in ("moekit", "seeds", "ratio") else "left", overflow="fold")
+    tab = Table(title="moekit plan gpt4: the published GPT-4 figures recomputed from the gpt4-16x111b preset")
+    for col in ("figure", "moekit", "reported", "ratio", "note"):
+        tab.add_column(col, justify="right" if col in ("moekit", "reported", "ratio") else "left", overflow="fold")
     for r in rows:
         ratio = "" if r.ratio is None else f"{r.ratio:.3f}"
         tab.add_row(r.name, format_value(r.computed, r.unit), format_value(r.seed, r.unit), ratio, r.note)
