@@ -19,13 +19,13 @@ BATCH_TOKENS = 60e6
 class ReportedFigure:
     name: str
     computed: float
-    seed: float | None
+    reported: float | None
     unit: str
     note: str = ""
 
     @property
     def ratio(self) -> float | None:
-        return None if not self.seed else self.computed / self.seed
+        return None if not self.reported else self.computed / self.reported
 
 
 def gpt4_rows(preset_name: str = "gpt4-16x111b") -> list[ReportedFigure]:

@@ -115,7 +115,7 @@ def render_gpt4(console: Console) -> list[dict]:
         tab.add_column(col, justify="right" if col in ("moekit", "reported", "ratio") else "left", overflow="fold")
     for r in rows:
         ratio = "" if r.ratio is None else f"{r.ratio:.3f}"
-        tab.add_row(r.name, format_value(r.computed, r.unit), format_value(r.seed, r.unit), ratio, r.note)
+        tab.add_row(r.name, format_value(r.computed, r.unit), format_value(r.reported, r.unit), ratio, r.note)
     console.print(tab)
     return [{**asdict(r), "ratio": r.ratio} for r in rows]
 
