@@ -123,6 +123,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (pays off on GPU)
     activation_checkpointing: bool = False  # recompute blocks in the backward to save memory
     threads: int = 0  # torch CPU threads, 0 = torch default
+    dp: int = 1  # data-parallel (FSDP2) ranks; launch with torchrun --nproc-per-node dp
+    ep: int = 1  # expert-parallel ranks
     init_from: str = ""  # start from these weights (moekit run or Hugging Face dir); its model config wins
     sample_prompt: str = "def "
     sample_tokens: int = 120

@@ -132,3 +132,94 @@ def test_parallel_dims_are_validated():
         ParallelDims(tp=2).validate(2)
     with pytest.raises(ConfigError, match=">= 1"):
         ParallelDims(dp=0).validate(0)
+
+
+def _run_config_toml(tmp_path, name: str, dp: int, micro_batch: int) -> str:
+    # the validation set holds eval_batches x micro_batch sequences: keep it the same size
+    eval_batches = 16 // micro_batch
+    cache = tmp_path / "cache"
+    text = f"""
+[model]
+vocab_size = 512
+d_model = 32
+n_layers = 2
+n_heads = 2
+n_kv_heads = 1
+ffn_dim = 64
+n_experts = 4
+top_k = 2
+max_seq_len = 64
+expert_impl = "loop"
+[train]
+out_dir = "{tmp_path / name}"
+steps = 4
+seq_len = 32
+micro_batch = {micro_batch}
+eval_batches = {eval_batches}
+eval_every = 2
+ckpt_every = 2
+warmup_steps = 1
+sample_tokens = 0
+device = "cpu"
+threads = 1
+dp = {dp}
+[data]
+max_docs = 12
+max_doc_chars = 3000
+val_docs = 3
+cache_dir = "{cache}"
+"""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_torchrun_data_parallel_training_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m moekit train` (FSDP, 2 sequences per rank) and one process
+    with 4 sequences see the same global batches: same losses, and the checkpoint is full."""
+    import json
+    import subprocess
+    import sys
+
+    from moekit.train.checkpoint import list_checkpoints, verify
+
+    single = _run_config_toml(tmp_path, "single", dp=1, micro_batch=4)
+    subprocess.run([sys.executable, "-m", "moekit", "train", "--config", single], check=True, capture_output=True)
+    dp2 = _run_config_toml(tmp_path, "dp2", dp=2, micro_batch=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), "-m", "moekit", "train", "--config", dp2],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def losses(run):
+        recs = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [x["loss"] for x in recs if "loss" in x], [x["val/code"] for x in recs if "val/code" in x]
+
+    (train_a, val_a), (train_b, val_b) = losses("single"), losses("dp2")
+    assert len(train_b) == 4
+    assert train_b == pytest.approx(train_a, rel=1e-4)
+    assert val_b == pytest.approx(val_a, rel=1e-4)
+    ckpts = list_checkpoints(tmp_path / "dp2")
+    assert [c.name for c in ckpts] == ["ckpt-0000002", "ckpt-0000004"]
+    verify(ckpts[-1])
+    from safetensors.torch import load_file
+
+    a = load_file(str(list_checkpoints(tmp_path / "single")[-1] / "model.safetensors"))
+    b = load_file(str(ckpts[-1] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    lr = 3e-3  # TrainConfig's default
+    for k in a:  # full, unsharded tensors of the same shape and values
+        assert b[k].shape == a[k].shape
+        # Adam moves a weight by about lr per step whatever the gradient's size, so reduction-order
+        # noise in tiny gradients (rarely routed experts) can flip single updates: bound by 4 steps
+        assert (b[k] - a[k]).abs().max() <= 4 * lr, k
+
+
+def test_train_rejects_a_layout_that_does_not_match_the_launch(tmp_path, capsys):
+    from moekit.cli import main
+
+    cfg = _run_config_toml(tmp_path, "bad", dp=2, micro_batch=2)
+    assert main(["train", "--config", cfg]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 x 1 x 1 x 1 = 2" in err[0] and "1 processes" in err[0]

@@ -58,14 +58,19 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: RunConfig,
-                    tokenizer: Tokenizer, state: dict, keep_last: int = 0) -> Path:
+                    tokenizer: Tokenizer, state: dict, keep_last: int = 0,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """weights: a full state dict gathered beforehand (sharded models); else model's own."""
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt-{step:07d}"
     for stale in run_dir.glob(".tmp-ckpt-*"):  # left by a writer that crashed; one writer per run
         shutil.rmtree(stale, ignore_errors=True)
     tmp = run_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
     tmp.mkdir()
-    save_file(model_state(model), str(tmp / "model.safetensors"))
+    if weights is not None and getattr(model.cfg, "tie_embeddings", False):
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    sd = model_state(model) if weights is None else {k: v.contiguous().cpu() for k, v in weights.items()}
+    save_file(sd, str(tmp / "model.safetensors"))
     (tmp / "config.toml").write_text(to_toml({"model": cfg.model, "train": cfg.train, "data": cfg.data}))
     tokenizer.save(tmp / "tokenizer.json")
     torch.save(state, tmp / "state.pt")

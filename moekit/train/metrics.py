@@ -37,6 +37,19 @@ class MetricsLogger:
             self.tb.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log to."""
+
+    def log(self, step: int, values: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []

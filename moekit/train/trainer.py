@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from moekit.config import RunConfig
@@ -19,7 +20,7 @@ from moekit.data.tokenizer import Tokenizer
 from moekit.errors import CheckpointError, TrainingError
 from moekit.model.transformer import Transformer, build_model
 from moekit.train import checkpoint as ckpt_io
-from moekit.train.metrics import MetricsLogger, plot_run
+from moekit.train.metrics import MetricsLogger, NullLogger, plot_run
 from moekit.train.schedule import batch_tokens_at, lr_at
 
 
@@ -60,28 +61,43 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, data: DataBundle, device: torch.device):
-        self.cfg, self.run_dir, self.data, self.device = cfg, run_dir, data, device
-        torch.manual_seed(cfg.train.seed)
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: DataBundle, device: torch.device, dist_ctx=None):
+        self.cfg, self.run_dir, self.data, self.device, self.dist = cfg, run_dir, data, device, dist_ctx
+        torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
         self.model: Transformer = build_model(cfg.model, device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        if dist_ctx is not None:
+            from moekit.parallel.mesh import apply_fsdp
+
+            apply_fsdp(self.model, dist_ctx.mesh["dp"])
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.opt = make_optimizer(self.model, cfg.train, device)
         self.step = 0
 
     # -- state -------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
     def state(self) -> dict:
-        st = {"step": self.step, "optimizer": self.opt.state_dict(),
+        from moekit.parallel.runtime import full_optimizer_state
+
+        # optimizer state keyed by parameter name, whole tensors: loads at any data-parallel layout
+        st = {"step": self.step, "optimizer": full_optimizer_state(self.model, self.opt),
               "data": self.data.mixture.state_dict(), "rng_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             st["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return st
 
     def load(self, ckpt: Path) -> None:
-        ckpt_io.load_weights(self.model, ckpt)
+        from moekit.parallel.runtime import load_full_state
+
         st = ckpt_io.load_state(ckpt)
+        if self.dist is None:
+            ckpt_io.load_weights(self.model, ckpt)  # checks names and shapes, then loads
         try:
-            self.opt.load_state_dict(st["optimizer"])
+            weights = load_file(str(ckpt / "model.safetensors")) if self.dist is not None else None
+            load_full_state(self.model, self.opt, weights, st["optimizer"])
             self.data.mixture.load_state_dict(st["data"])
             torch.set_rng_state(st["rng_cpu"])
             if "rng_cuda" in st and self.device.type == "cuda":
@@ -90,9 +106,18 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{ckpt / 'state.pt'} does not match this run: {e}") from None
 
-    def save(self) -> Path:
-        return ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.cfg, self.data.tokenizer,
-                                       self.state(), self.cfg.train.keep_last)
+    def save(self) -> Path | None:
+        from moekit.parallel.runtime import full_model_state
+
+        weights = full_model_state(self.model) if self.dist is not None else None  # collective
+        state = self.state()  # collective under FSDP
+        path = None
+        if self.is_main:
+            path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.cfg, self.data.tokenizer,
+                                           state, self.cfg.train.keep_last, weights=weights)
+        if self.dist is not None:
+            torch.distributed.barrier()
+        return path
 
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -103,8 +128,11 @@ class Trainer:
         self.model.train()
         ce = bal = z = dropped = torch.zeros((), device=self.device)
         load = None
+        world, rank = (self.dist.world, self.dist.rank) if self.dist else (1, 0)
         for _ in range(accum):
-            x, y = self.data.mixture.next_batch(tc.micro_batch, tc.seq_len)  # [B, T] each
+            # every rank reads the same stream and keeps its own slice of the global micro-batch
+            x, y = self.data.mixture.next_batch(tc.micro_batch * world, tc.seq_len)  # [world*B, T]
+            x, y = x[rank * tc.micro_batch:(rank + 1) * tc.micro_batch], y[rank * tc.micro_batch:(rank + 1) * tc.micro_batch]
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast_for(self.device, tc.dtype):
                 out = self.forward(x, y)
@@ -117,6 +145,12 @@ class Trainer:
                 load = layer_load / accum if load is None else load + layer_load / accum
                 dropped = dropped + torch.stack([s.dropped for s in out.router_stats]).mean() / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        if self.dist is not None:  # log the global means
+            for t in (ce, bal, z, dropped) + ((load,) if load is not None else ()):
+                torch.distributed.all_reduce(t)
+                t.div_(world)
         loss = ce.item()  # one host sync per optimizer step, for the NaN guard and the log
         if not math.isfinite(loss) or not math.isfinite(grad_norm.item()):
             ckpts = ckpt_io.list_checkpoints(self.run_dir)
@@ -200,34 +234,41 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
         # the weights decide the architecture; keep the run's context length if it is longer
         cfg.model = dataclasses.replace(src_cfg, max_seq_len=max(src_cfg.max_seq_len, cfg.train.seq_len))
         cfg.validate()
-    device = resolve_device(cfg.train.device)
+    from moekit.parallel.runtime import init_distributed, load_full_state
+
+    ctx = init_distributed(cfg.train.dp, cfg.train.ep, cfg.train.device)
+    device = ctx.device if ctx is not None else resolve_device(cfg.train.device)
     data = prepare_data(cfg, tokenizer)
-    trainer = Trainer(cfg, run_dir, data, device)
+    trainer = Trainer(cfg, run_dir, data, device, ctx)
+    main = trainer.is_main
     if init_sd is not None:
-        if cfg.model.tie_embeddings:
-            init_sd = {k: v for k, v in init_sd.items() if k != "lm_head.weight"}
-        trainer.model.load_state_dict(init_sd, strict=not cfg.model.tie_embeddings)
-    logger = MetricsLogger(run_dir)
+        load_full_state(trainer.model, None, init_sd, None)
+    logger = MetricsLogger(run_dir) if main else NullLogger()
+    progress = progress and main
     if ckpt is not None:
         trainer.load(ckpt)
         logger.truncate_after(trainer.step)
-        print(f"resumed {run_dir} at step {trainer.step}")
-    else:
+        if main:
+            print(f"resumed {run_dir} at step {trainer.step}")
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         sizes = ", ".join(f"{k}: {v['train_docs']} docs / {v['train_tokens']:,} tokens" for k, v in data.stats.items())
-        n = sum(p.numel() for p in trainer.model.parameters())
-        print(f"run {run_dir}: {n / 1e6:.2f}M parameters on {device}; corpus {sizes}")
+        n = sum(p.numel() for p in build_model(cfg.model, "meta").parameters())
+        where = f"{ctx.world} ranks (FSDP)" if ctx is not None else str(device)
+        print(f"run {run_dir}: {n / 1e6:.2f}M parameters on {where}; corpus {sizes}")
     try:
         trainer.fit(logger, progress)
     finally:
         logger.close()
+    final = trainer.evaluate()  # collective under FSDP: every rank runs it
+    if not main:
+        return run_dir
     baseline = unigram_entropy(data.mixture.sources, data.tokenizer.vocab_size)
     plots = plot_run(run_dir, baseline)
-    final = {k: v for k, v in trainer.evaluate().items()}
     print("validation loss: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in final.items())
           + f" (unigram entropy of the corpus: {baseline:.3f})")
     print("plots: " + ", ".join(str(p) for p in plots))
-    if cfg.train.sample_tokens:
+    if cfg.train.sample_tokens and ctx is None:
         from moekit.infer.generate import sample_text
 
         text = sample_text(trainer.model, data.tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens,
