@@ -38,7 +38,9 @@ class ModelConfig:
     z_loss_coef: float = 0.001
     max_seq_len: int = 256
     rope_theta: float = 10000.0
-    rope_scaling: float = 1.0  # position-interpolation factor for context extension
+    rope_scaling: float = 1.0  # context-extension factor (1 = plain RoPE)
+    rope_type: str = "linear"  # "linear" (position interpolation) | "yarn" (NTK-by-parts)
+    rope_original_len: int = 0  # pretraining context for yarn (0 = max_seq_len / rope_scaling)
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -75,6 +77,10 @@ class ModelConfig:
             raise ConfigError(f"capacity_factor must be a finite number >= 0 (0 = dropless), got {self.capacity_factor}")
         if not (1.0 <= self.rope_scaling < math.inf):
             raise ConfigError(f"rope_scaling must be a finite number >= 1, got {self.rope_scaling}")
+        if self.rope_type not in ("linear", "yarn"):
+            raise ConfigError(f"rope_type must be linear or yarn, got {self.rope_type!r}")
+        if self.rope_original_len < 0:
+            raise ConfigError(f"rope_original_len must be >= 0, got {self.rope_original_len}")
         if not (1.0 < self.rope_theta < math.inf):
             raise ConfigError(f"rope_theta must be a finite number > 1, got {self.rope_theta}")
         if self.expert_impl not in ("auto", "grouped", "loop"):

@@ -537,8 +537,9 @@ MALFORMED = {
     "missing-moe-field": ("mixtral", _edit_config(num_local_experts=_DELETE), ConfigError, "'num_local_experts'"),
     "missing-qwen-field": ("qwen2-moe", _edit_config(moe_intermediate_size=_DELETE), ConfigError,
                            "'moe_intermediate_size'"),
-    "rope-yarn": ("llama", _edit_config(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
-                  ConfigError, "'yarn'"),
+    "rope-longrope": ("llama", _edit_config(rope_parameters={"rope_type": "longrope", "factor": 4.0,
+                                                             "rope_theta": 1e4}),
+                      ConfigError, "'longrope'"),
     "rope-legacy-dynamic": ("llama", _edit_config(rope_parameters=_DELETE, rope_theta=1e4,
                                                   rope_scaling={"type": "dynamic", "factor": 2.0}),
                             ConfigError, "'dynamic'"),
@@ -633,3 +634,31 @@ def test_upcycle_uses_the_dense_hidden_size(tok, tmp_path):
     assert (moe.cfg.ffn_dim, moe.cfg.dense_ffn_dim, moe.cfg.n_experts) == (80, 0, 3)
     x = tokens(12)
     assert max_diff(moe.eval()(x).logits, dense.eval()(x).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_scaled_rope_matches_transformers_both_ways(tok, tmp_path, kind):
+    """Context-extended RoPE (position interpolation, YaRN) reads from and writes to transformers."""
+    params = {"rope_type": kind, "factor": 4.0, "rope_theta": 10000.0}
+    if kind == "yarn":
+        params["original_max_position_embeddings"] = 32
+    torch.manual_seed(0)
+    hf = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                          rope_parameters=params)).eval()
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)
+    tok.save(src / "tokenizer.json")
+    model, _ = model_from_source(src)
+    assert model.cfg.rope_type == kind and model.cfg.rope_scaling == 4.0
+    idx = torch.randint(0, 320, (2, 100))  # beyond the original 32 positions
+    with torch.no_grad():
+        assert (model(idx).logits - hf(idx).logits).abs().max() <= 1e-4
+    run = tmp_path / "run"
+    from moekit.interop.convert import convert_to_hf, save_as_run
+
+    save_as_run(model, tok, run)
+    out = convert_to_hf(run, tmp_path / "back")
+    again = T.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (again(idx).logits - hf(idx).logits).abs().max() <= 1e-4

@@ -31,16 +31,23 @@ def is_hf_dir(path: str | Path) -> bool:
 
 # -- config -----------------------------------------------------------------------------------
 
-def _rope(hf: dict) -> tuple[float, float]:
-    params = hf.get("rope_parameters") or {}
-    legacy = hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+def _rope(hf: dict) -> dict:
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type") or params.get("type") or "default"
     if kind == "default":
-        return float(theta), 1.0
+        return {"rope_theta": theta}
     if kind == "linear":
-        return float(theta), float(params.get("factor", legacy.get("factor", 1.0)))
-    raise ConfigError(f"rope scaling type {kind!r} is not supported (default and linear are)")
+        return {"rope_theta": theta, "rope_scaling": float(params.get("factor", 1.0))}
+    if kind == "yarn":
+        for key in ("attention_factor", "mscale", "mscale_all_dim"):
+            if params.get(key):
+                raise ConfigError(f"yarn rope parameter {key} is not supported")
+        if params.get("beta_fast", 32) != 32 or params.get("beta_slow", 1) != 1:
+            raise ConfigError("yarn rope with beta_fast != 32 or beta_slow != 1 is not supported")
+        return {"rope_theta": theta, "rope_scaling": float(params["factor"]), "rope_type": "yarn",
+                "rope_original_len": int(params["original_max_position_embeddings"])}
+    raise ConfigError(f"rope scaling type {kind!r} is not supported (default, linear and yarn are)")
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -53,14 +60,14 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ConfigError("attention_bias / mlp_bias are not supported")
     try:
         d, heads = hf["hidden_size"], hf["num_attention_heads"]
-        theta, scaling = _rope(hf)
+        rope = _rope(hf)
         max_len = hf.get("max_position_embeddings", 4096)
         if hf.get("sliding_window") and hf.get("use_sliding_window", True):
             max_len = min(max_len, hf["sliding_window"])  # full attention is exact up to the window
         common = dict(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=heads,
                       n_kv_heads=hf.get("num_key_value_heads") or heads,
                       head_dim=0 if hf.get("head_dim") in (None, d // heads) else hf["head_dim"],
-                      norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                      norm_eps=hf.get("rms_norm_eps", 1e-6), **rope,
                       max_seq_len=max_len, tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
         if mt in ("llama", "mistral"):
             cfg = ModelConfig(**common, ffn_dim=hf["intermediate_size"], n_experts=1, top_k=1)
@@ -110,8 +117,12 @@ def arch_for(cfg: ModelConfig) -> str:
 def config_to_hf(cfg: ModelConfig, eos_id: int | None = None, dtype: str = "float32") -> dict:
     arch = arch_for(cfg)
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
-    if cfg.rope_scaling != 1.0:
+    if cfg.rope_scaling != 1.0 and cfg.rope_type == "linear":
         rope = {"rope_theta": cfg.rope_theta, "rope_type": "linear", "factor": cfg.rope_scaling}
+    elif cfg.rope_scaling != 1.0:
+        rope = {"rope_theta": cfg.rope_theta, "rope_type": "yarn", "factor": cfg.rope_scaling,
+                "original_max_position_embeddings": cfg.rope_original_len or int(cfg.max_seq_len / cfg.rope_scaling),
+                "beta_fast": 32.0, "beta_slow": 1.0}
     hf = {"model_type": arch, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
           "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
           "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.hd, "rms_norm_eps": cfg.norm_eps,

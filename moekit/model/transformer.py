@@ -63,8 +63,10 @@ class Transformer(nn.Module):
             self.init_weights()
 
     def _init_rope(self, device=None):
-        cos, sin = rope_frequencies(self.cfg.hd, self.cfg.max_seq_len, self.cfg.rope_theta,
-                                    self.cfg.rope_scaling, device=device)
+        c = self.cfg
+        original = c.rope_original_len or int(c.max_seq_len / c.rope_scaling)
+        cos, sin = rope_frequencies(c.hd, c.max_seq_len, c.rope_theta, c.rope_scaling, device=device,
+                                    kind=c.rope_type, original_len=original)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, hd]
         self.register_buffer("rope_sin", sin, persistent=False)
 
