@@ -39,8 +39,15 @@ def _overrides(args: argparse.Namespace, cls, prefix: str = "") -> dict:
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = load_toml(args.config) if args.config else run_preset(args.preset or "tiny")
-    cfg.model = dataclasses.replace(cfg.model, **_overrides(args, ModelConfig, "model_"))
     cfg.train = dataclasses.replace(cfg.train, **_overrides(args, TrainConfig))
+    if cfg.train.init_from:
+        # the weights decide the architecture; flags may still change what has no weights (RoPE scaling)
+        from moekit.interop.convert import source_config
+
+        cfg.model = source_config(cfg.train.init_from)
+    cfg.model = dataclasses.replace(cfg.model, **_overrides(args, ModelConfig, "model_"))
+    if cfg.model.max_seq_len < cfg.train.seq_len:
+        cfg.model = dataclasses.replace(cfg.model, max_seq_len=cfg.train.seq_len)
     return cfg.validate()
 
 
@@ -136,6 +143,62 @@ def cmd_upcycle(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from moekit.eval.long_context import (long_sequences, loss_by_position, passkey_accuracy,
+                                          plot_loss_by_position)
+    from moekit.infer.generate import load_for_inference
+    from moekit.train import checkpoint as ckpt_io
+
+    try:
+        lengths = [int(x) for x in args.passkey_lengths.split(",") if x]
+        depths = [float(x) for x in args.depths.split(",") if x]
+    except ValueError:
+        raise ConfigError("--passkey-lengths and --depths are comma-separated numbers") from None
+    results, passkey, trained = {}, {}, {}
+    for path in args.ckpt:
+        model, tok = load_for_inference(path, args.device)
+        if args.length > model.cfg.max_seq_len:
+            raise ConfigError(f"{path}: --length {args.length} exceeds its context of {model.cfg.max_seq_len}")
+        run = ckpt_io.load_run_config(ckpt_io.resolve_checkpoint(path))
+        trained[path] = run.train.seq_len
+        seqs = long_sequences(tok, run.data, args.length)
+        results[path] = {src: loss_by_position(model, s, args.buckets) for src, s in seqs.items()}
+        passkey[path] = {f"{n}@{d:g}": passkey_accuracy(model, tok, n, d, args.trials)
+                         for n in lengths for d in depths if n + 8 <= model.cfg.max_seq_len}
+    if args.json:
+        print(json.dumps({"length": args.length, "loss_by_position": results, "passkey": passkey,
+                          "trained_seq_len": trained}, indent=2))
+    else:
+        console = Console(width=max(120, Console().width))
+        tab = Table(title=f"loss by position bucket ({args.length} tokens, {args.buckets} buckets)")
+        tab.add_column("checkpoint / source")
+        for i in range(args.buckets):
+            lo, hi = i * args.length // args.buckets, (i + 1) * args.length // args.buckets
+            tab.add_column(f"{lo}-{hi}", justify="right")
+        for path, per_source in results.items():
+            for src, losses in per_source.items():
+                tab.add_row(f"{path} ({src}, trained at {trained[path]})", *[f"{v:.3f}" for v in losses])
+        console.print(tab)
+        pk = Table(title="passkey retrieval accuracy (length@depth)")
+        pk.add_column("checkpoint")
+        keys = sorted({k for v in passkey.values() for k in v}, key=lambda k: (int(k.split("@")[0]), k))
+        for k in keys:
+            pk.add_column(k, justify="right")
+        for path, accs in passkey.items():
+            pk.add_row(path, *[f"{accs[k]:.0%}" if k in accs else "-" for k in keys])
+        console.print(pk)
+    if args.png:
+        plot_loss_by_position(results, args.length, args.png, trained)
+        if not args.json:
+            print(f"wrote {args.png}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from moekit.serve.server import serve_main
 
@@ -205,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--seed", type=int, default=0)
     up.add_argument("--out", required=True)
     up.set_defaults(func=cmd_upcycle)
+
+    ev = sub.add_parser("eval", help="long-context evaluation: loss by position, passkey retrieval")
+    ev.add_argument("--ckpt", nargs="+", required=True, metavar="RUN", help="one or more runs to compare")
+    ev.add_argument("--length", type=int, default=1024, help="evaluation sequence length")
+    ev.add_argument("--buckets", type=int, default=8)
+    ev.add_argument("--passkey-lengths", default="256,512,1000")
+    ev.add_argument("--depths", default="0.1,0.5,0.9")
+    ev.add_argument("--trials", type=int, default=4)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--png", default=None, help="write loss vs position here")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     srv.add_argument("--ckpt", required=True, metavar="RUN")

@@ -31,6 +31,21 @@ def load_source(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
     return cfg, load_file(str(ckpt / "model.safetensors")), Tokenizer.load(ckpt / "tokenizer.json"), ckpt
 
 
+def source_config(path: str | Path) -> ModelConfig:
+    """The model config of a moekit run/checkpoint or a Hugging Face directory (no weights read)."""
+    import json
+
+    from moekit.interop.hf import config_from_hf
+
+    path = Path(path)
+    if is_hf_dir(path):
+        try:
+            return config_from_hf(json.loads((path / "config.json").read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
+    return ckpt_io.load_run_config(ckpt_io.resolve_checkpoint(path)).model
+
+
 def model_from_source(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
     cfg, sd, tok, _ = load_source(path)
     model = build_model(cfg, device)

@@ -4,7 +4,6 @@ bf16 autocast on GPU, MoE aux losses, per-source validation, checkpoints and exa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -231,9 +230,8 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
         from moekit.interop.convert import load_source
 
         src_cfg, init_sd, tokenizer, _ = load_source(cfg.train.init_from)
-        # the weights decide the architecture; keep the run's context length if it is longer
-        cfg.model = dataclasses.replace(src_cfg, max_seq_len=max(src_cfg.max_seq_len, cfg.train.seq_len))
-        cfg.validate()
+        if build_model(src_cfg, "meta").state_dict().keys() != build_model(cfg.model, "meta").state_dict().keys():
+            raise TrainingError(f"--init-from {cfg.train.init_from}: its weights do not fit the model config")
     from moekit.parallel.runtime import init_distributed, load_full_state
 
     ctx = init_distributed(cfg.train.dp, cfg.train.ep, cfg.train.device)
