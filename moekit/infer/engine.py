@@ -47,6 +47,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # per-step token budget (chunked prefill)
     max_model_len: int = 0  # 0 -> the model's max_seq_len
     cuda_graphs: bool = True
+    num_speculative_tokens: int = 4  # with a draft model
+    speculative_max_batch: int = 8  # above this many running requests, decode without speculation
     compile: bool = False  # torch.compile the decode step in the CUDA graphs (GPU; measured slower on H100 so far)
     seed: int = 0
 
@@ -60,7 +62,8 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None,
+                 draft: Transformer | None = None):
         cfg = (config or EngineConfig()).validate()
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, cfg
         self.device = next(model.parameters()).device
@@ -73,6 +76,17 @@ class Engine:
         self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs,
                                   cfg.compile)
         self.sampler = Sampler(self.device, cfg.seed)
+        self.spec = None
+        if draft is not None:
+            from moekit.infer.speculative import SpeculativeDecoder
+
+            if draft.cfg.vocab_size != model.cfg.vocab_size:
+                raise ConfigError(f"the draft's vocabulary ({draft.cfg.vocab_size}) differs from the target's "
+                                  f"({model.cfg.vocab_size}); they must share the tokenizer")
+            if cfg.num_speculative_tokens < 1:
+                raise ConfigError("num_speculative_tokens must be >= 1")
+            self.spec = SpeculativeDecoder(draft, self.kv, self.max_model_len, cfg.max_num_seqs,
+                                           cfg.num_speculative_tokens, self.sampler.shared)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.eos_id = tokenizer.eot_id if tokenizer is not None else None
@@ -128,7 +142,13 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.items:
             return []
+        if self.spec is not None and self._speculate(batch):
+            outs = self._speculative_step([req for req, _ in batch.items])
+            if outs is not None:
+                return outs
         logits, to_sample = self.runner.execute(batch)
+        if self.spec is not None:
+            self.spec.sync(batch.items)
         for req, n in batch.items:
             req.num_computed += n
         if not to_sample:
@@ -136,6 +156,25 @@ class Engine:
         res = self.sampler(logits, [r.params for r in to_sample], [r.extra["generator"] for r in to_sample],
                            [r.output_ids for r in to_sample])
         return [self._append(req, tok, lp) for req, tok, lp in zip(to_sample, res.tokens, res.logprobs)]
+
+    def _speculate(self, batch) -> bool:
+        from moekit.infer.speculative import eligible
+
+        return (all(n == 1 for _, n in batch.items) and len(batch.items) <= self.config.speculative_max_batch
+                and all(eligible(req) for req, _ in batch.items))
+
+    def _speculative_step(self, reqs: list[Request]) -> list[RequestOutput] | None:
+        emitted = self.spec.step(self.runner, reqs)
+        if emitted is None:
+            return None
+        outs = []
+        for req in reqs:
+            for tok in emitted[req.id]:
+                out = self._append(req, tok, None)
+                outs.append(out)
+                if out.finished:
+                    break
+        return outs
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
         """Run a list of prompts to completion; outputs in prompt order."""
@@ -151,7 +190,10 @@ class Engine:
     def stats(self) -> dict:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_used": self.kv.allocator.num_used, "kv_blocks_total": self.kv.allocator.num_blocks - 1,
-                "kv_bytes_per_token": self.kv_bytes_per_token, "preemptions": self.scheduler.num_preemptions}
+                "kv_bytes_per_token": self.kv_bytes_per_token, "preemptions": self.scheduler.num_preemptions,
+                **({"spec_acceptance_rate": self.spec.stats.acceptance_rate,
+                    "spec_mean_accepted_length": self.spec.stats.mean_accepted_length,
+                    "spec_accepted_at": list(self.spec.stats.accepted_at)} if self.spec else {})}
 
     # -- internals ---------------------------------------------------------------------------
     def _generator(self, seed: int | None):

@@ -47,25 +47,41 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
         """Returns logits [n, vocab] for the requests whose computed tokens reach their end."""
         items = batch.items
-        num_decode = sum(1 for _, n in items if n == 1)
-        if num_decode == len(items) and self.graph_sizes and len(items) <= self.graph_sizes[-1]:
+        if all(n == 1 for _, n in items) and self.graph_sizes and len(items) <= self.graph_sizes[-1]:
             return self._execute_graph(items)
-        ids, pos, slots, logit_rows, sample = [], [], [], [], []
+        chunks = [(req, req.num_computed, req.all_ids[req.num_computed:req.num_computed + n]) for req, n in items]
+        sample = [req for req, n in items if req.num_computed + n == req.num_tokens]
+        ends = [req.num_computed + n == req.num_tokens for req, n in items]
+        return self.forward_chunks(chunks, last_of=ends), sample
+
+    @torch.inference_mode()
+    def forward_chunks(self, chunks: list[tuple[Request, int, list[int]]], last_of: list[bool] | None = None
+                       ) -> torch.Tensor:
+        """Run each request's tokens at positions start, start + 1, ... (their K/V land in the
+        request's blocks). Returns logits at the last token of the chunks flagged in last_of, or at
+        every token when last_of is None: [n, vocab]."""
+        num_decode = sum(1 for _, _, toks in chunks if len(toks) == 1)
+        order = sorted(range(len(chunks)), key=lambda i: len(chunks[i][2]) != 1)  # decode rows first
+        ids, pos, slots, logit_rows = [], [], [], []
         tables, lens, prefills = [], [], []
-        for req, n in items:
-            start = req.num_computed
-            toks = req.all_ids[start:start + n]
+        rows_of = {}
+        for i in order:
+            req, start, toks = chunks[i]
+            n = len(toks)
             if n == 1:
                 tables.append(req.blocks + [0] * (self.max_blocks - len(req.blocks)))
                 lens.append(start + 1)
             else:
                 prefills.append((len(ids), n, start, torch.tensor(req.blocks, device=self.device)))
+            rows_of[i] = list(range(len(ids), len(ids) + n))
             ids += toks
             pos += range(start, start + n)
             slots += self._slots(req, start, n)
-            if start + n == req.num_tokens:
-                logit_rows.append(len(ids) - 1)
-                sample.append(req)
+        for i in range(len(chunks)):  # logits come back in the callers' chunk order
+            if last_of is None:
+                logit_rows += rows_of[i]
+            elif last_of[i]:
+                logit_rows.append(rows_of[i][-1])
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=dev), num_decode=num_decode,
@@ -75,7 +91,7 @@ class ModelRunner:
         out = self.model(torch.tensor([ids], device=dev), caches=self._layers(meta),
                          positions=torch.tensor([pos], device=dev),
                          logits_at=torch.tensor(logit_rows, device=dev, dtype=torch.long))
-        return out.logits[0], sample
+        return out.logits[0]
 
     # -- CUDA graphs for pure-decode steps ---------------------------------------------------
     def _graph_inputs(self, b: int) -> dict:

@@ -1,0 +1,166 @@
+"""Speculative decoding (Leviathan et al., 2023) inside continuous batching.
+
+A small draft model proposes k tokens per request; the target scores all of them in one forward;
+each proposal is accepted with probability min(1, p/q), the first rejection is replaced by a
+sample from norm(max(0, p - q)), and a fully accepted run earns a bonus token from p. The output
+distribution is exactly the target's (greedy: the target's argmax tokens).
+
+The draft keeps its own paged KV cache with the same block ids as the target, so one allocator
+serves both; blocks taken for rejected positions are given back at the end of the step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from moekit.infer.kv_cache import PagedKVCache
+from moekit.infer.runner import ModelRunner
+from moekit.infer.sampling import SamplingParams, top_k_top_p_mask
+from moekit.infer.scheduler import Request
+from moekit.model.transformer import Transformer
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    accepted_at: list[int] = field(default_factory=list)  # [k]: proposals accepted at each position
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per request-step (accepted proposals + the target's own token)."""
+        rows = self.proposed / len(self.accepted_at) if self.accepted_at else 0
+        return (self.accepted + rows) / rows if rows else 0.0
+
+
+def distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The sampling distribution of one request over the vocabulary: logits [n, V] -> probs [n, V]
+    (greedy = one-hot argmax)."""
+    logits = logits.float()
+    if p.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    n = logits.shape[0]
+    masked = top_k_top_p_mask(logits / p.temperature, torch.full((n,), p.top_k, device=logits.device),
+                              torch.full((n,), p.top_p, device=logits.device))
+    return masked.softmax(-1)
+
+
+def _draw(probs: torch.Tensor, gen) -> int:
+    return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def accept(proposals: list[int], q: torch.Tensor, p: torch.Tensor, gen) -> list[int]:
+    """Leviathan et al.'s rule. proposals: k draft tokens drawn from q [k, V]; p: target
+    distributions [k + 1, V]. Returns the emitted tokens (accepted prefix + one more): their
+    distribution is exactly the target's."""
+    emitted = []
+    for j, x in enumerate(proposals):
+        u = torch.rand((), generator=gen, device=p.device).item()
+        if q[j, x] > 0 and u * q[j, x] <= p[j, x]:  # accept with probability min(1, p(x) / q(x))
+            emitted.append(x)
+            continue
+        residual = (p[j] - q[j]).clamp(min=0)
+        emitted.append(_draw(residual / residual.sum() if residual.sum() > 0 else p[j], gen))
+        return emitted
+    emitted.append(_draw(p[len(proposals)], gen))  # every proposal accepted: a bonus token
+    return emitted
+
+
+def eligible(req: Request) -> bool:
+    p = req.params
+    return not (p.presence_penalty or p.frequency_penalty or p.logprobs is not None)
+
+
+class SpeculativeDecoder:
+    def __init__(self, draft: Transformer, target_kv: PagedKVCache, max_model_len: int, max_num_seqs: int,
+                 k: int, shared_generator: torch.Generator):
+        dtype = next(draft.parameters()).dtype
+        device = next(draft.parameters()).device
+        self.kv = PagedKVCache(draft.cfg, target_kv.allocator.num_blocks, target_kv.block_size, device, dtype)
+        self.runner = ModelRunner(draft.eval(), self.kv, max_model_len, max_num_seqs, cuda_graphs=False)
+        self.allocator = target_kv.allocator
+        self.block_size, self.k, self.max_model_len = target_kv.block_size, k, max_model_len
+        self.shared = shared_generator
+        self.stats = SpecStats(accepted_at=[0] * k)
+
+    # -- keeping the draft's cache in step with the target ---------------------------------
+    def _draft_start(self, req: Request) -> int:
+        return min(req.extra.get("draft_computed", 0), req.num_computed)
+
+    def sync(self, items: list[tuple[Request, int]]) -> None:
+        """After a normal target step: the draft computes the same tokens (and any it lags by)."""
+        chunks = []
+        for req, n in items:
+            dc = self._draft_start(req)
+            chunks.append((req, dc, req.all_ids[dc:req.num_computed + n]))
+            req.extra["draft_computed"] = req.num_computed + n
+        if chunks:
+            self.runner.forward_chunks(chunks, last_of=[False] * len(chunks))
+
+    # -- one speculative step ----------------------------------------------------------------
+    def step(self, target: ModelRunner, reqs: list[Request]) -> dict[str, list[int]] | None:
+        """Tokens to emit per request id, or None when blocks for the lookahead are short (the
+        caller runs a normal step instead)."""
+        k, bs = self.k, self.block_size
+        if any(r.num_tokens + k + 1 > self.max_model_len for r in reqs):
+            return None
+        need = [max(0, math.ceil((r.num_computed + k + 1) / bs) - len(r.blocks)) for r in reqs]
+        if sum(need) > self.allocator.num_free:
+            return None
+        for r, n in zip(reqs, need):
+            r.blocks += self.allocator.allocate(n)
+
+        # 1. the draft catches up to the last sampled token and proposes k tokens
+        proposals = [[] for _ in reqs]
+        q_dists = [[] for _ in reqs]
+        chunks = []
+        for r in reqs:
+            dc = self._draft_start(r)
+            chunks.append((r, dc, r.all_ids[dc:r.num_tokens]))
+        logits = self.runner.forward_chunks(chunks, last_of=[True] * len(reqs))  # [B, V]
+        for j in range(k):
+            for i, r in enumerate(reqs):
+                q = distribution(logits[i:i + 1], r.params)[0]
+                q_dists[i].append(q)
+                proposals[i].append(_draw(q, r.extra.get("generator") or self.shared))
+            if j == k - 1:
+                break
+            pos = [r.num_tokens + j for r in reqs]
+            logits = self.runner.forward_chunks([(r, p, [proposals[i][j]]) for i, (r, p) in enumerate(zip(reqs, pos))],
+                                                last_of=[True] * len(reqs))
+
+        # 2. the target scores the last token and all k proposals in one forward: k + 1 rows each
+        chunks = [(r, r.num_computed, [r.all_ids[-1]] + proposals[i]) for i, r in enumerate(reqs)]
+        p_logits = target.forward_chunks(chunks).view(len(reqs), k + 1, -1)
+
+        # 3. accept or reject, request by request
+        out: dict[str, list[int]] = {}
+        for i, r in enumerate(reqs):
+            gen = r.extra.get("generator") or self.shared
+            p_all = distribution(p_logits[i], r.params)  # [k + 1, V]
+            emitted = accept(proposals[i], torch.stack(q_dists[i]), p_all, gen)
+            a = len(emitted) - 1
+            for j in range(a):
+                self.stats.accepted_at[j] += 1
+            self.stats.proposed += k
+            self.stats.accepted += a
+            # K/V are valid for the last token and the accepted proposals; the rest is rolled back
+            old = r.num_computed
+            r.num_computed += 1 + a
+            # the draft holds the last token and proposals up to the (k-1)-th, valid while they match
+            r.extra["draft_computed"] = min(r.num_computed, old + k)
+            keep = math.ceil((r.num_computed + 1) / bs)
+            if len(r.blocks) > keep:
+                self.allocator.free(r.blocks[keep:])
+                r.blocks = r.blocks[:keep]
+            out[r.id] = emitted
+        self.stats.steps += 1
+        return out
