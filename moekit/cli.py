@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-samples", type=int, default=1)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--kv-budget", default="64MiB", help="KV cache size: bytes (e.g. 2GiB) or a fraction of free GPU memory")
+    gen.add_argument("--speculative-model", default=None, metavar="RUN", help="a smaller model with the same tokenizer")
+    gen.add_argument("--num-speculative-tokens", type=int, default=4)
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert", help="moekit run <-> Hugging Face directory")
@@ -293,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batched-tokens", type=int, default=1024, help="tokens per engine step")
     srv.add_argument("--max-pending", type=int, default=512, help="requests in flight before answering 429")
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    srv.add_argument("--speculative-model", default=None, metavar="RUN", help="draft model for speculative decoding")
+    srv.add_argument("--num-speculative-tokens", type=int, default=4)
+    srv.add_argument("--speculative-max-batch", type=int, default=8, help="no speculation above this many requests")
     srv.set_defaults(func=cmd_serve)
     return p
 

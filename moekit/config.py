@@ -131,6 +131,9 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads, 0 = torch default
     dp: int = 1  # data-parallel (FSDP2) ranks; launch with torchrun --nproc-per-node dp
     ep: int = 1  # expert-parallel ranks
+    distill_from: str = ""  # train against this model's logits (a draft for speculative decoding)
+    distill_alpha: float = 1.0  # weight of the distillation KL; 1 - alpha stays on the data's tokens
+    distill_temperature: float = 1.0
     init_from: str = ""  # start from these weights (moekit run or Hugging Face dir); its model config wins
     sample_prompt: str = "def "
     sample_tokens: int = 120
@@ -145,6 +148,8 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
+            raise ConfigError("need 0 <= distill_alpha <= 1 and distill_temperature > 0")
         if self.batch_tokens and self.batch_tokens < self.seq_len:
             raise ConfigError(f"batch_tokens ({self.batch_tokens}) must be >= seq_len ({self.seq_len})")
         return self
@@ -180,6 +185,9 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=1,
                          ffn_dim=1024, n_experts=8, top_k=2, max_seq_len=2048),
     # the GPU benchmark model: 1.21B total / 0.35B active
+    # a draft for speculative decoding of the tiny model (same vocabulary)
+    "draft": ModelConfig(vocab_size=2048, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1,
+                         ffn_dim=128, n_experts=4, top_k=2, max_seq_len=1024),
     "bench-1b": ModelConfig(vocab_size=32000, d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4,
                             ffn_dim=2816, n_experts=8, top_k=2, max_seq_len=4096),
     # Mixtral-shaped decode benchmark: 4.7B total / 1.34B active
@@ -208,6 +216,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(out_dir="runs/tiny", steps=800, seq_len=256, micro_batch=4, batch_tokens=2048,
                  batch_ramp_start=1024, batch_ramp_steps=100, lr=2e-3, min_lr=2e-4, warmup_steps=30,
                  eval_every=100, ckpt_every=200),
+    "draft": dict(out_dir="runs/draft", steps=400, seq_len=256, micro_batch=8, lr=3e-3, min_lr=3e-4,
+                  warmup_steps=20, eval_every=100, ckpt_every=200),
     "small": dict(out_dir="runs/small", steps=2000, seq_len=512, micro_batch=16, lr=1e-3),
     "bench-1b": dict(out_dir="runs/bench-1b", steps=2000, seq_len=2048, micro_batch=8, lr=6e-4,
                      min_lr=6e-5, warmup_steps=100, compile=True),
@@ -215,6 +225,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 DATA_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(max_docs=1500),
+    "draft": dict(max_docs=1500),
 }
 
 

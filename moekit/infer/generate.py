@@ -68,6 +68,14 @@ def load_for_inference(path: str, device: str = "auto") -> tuple[Transformer, To
     return model.eval(), Tokenizer.load(ckpt / "tokenizer.json")
 
 
+def load_draft(path: str, tokenizer: Tokenizer, device: str = "auto") -> Transformer:
+    """A draft model for speculative decoding; it must use the target's tokenizer."""
+    draft, draft_tok = load_for_inference(path, device)
+    if draft_tok.hf.to_str() != tokenizer.hf.to_str():
+        raise ConfigError(f"the speculative model {path} uses another tokenizer than the target")
+    return draft
+
+
 def generate_main(args) -> int:
     from moekit.infer.engine import Engine, EngineConfig
     from moekit.infer.sampling import SamplingParams
@@ -75,9 +83,12 @@ def generate_main(args) -> int:
     params = [SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, seed=args.seed + i).validate() for i in range(args.num_samples)]
     model, tok = load_for_inference(args.ckpt, args.device)
+    draft = load_draft(args.speculative_model, tok, args.device) if args.speculative_model else None
     if model.embed.weight.is_cuda:
         model = model.to(torch.bfloat16)
-    engine = Engine(model, tok, EngineConfig(kv_budget=args.kv_budget, max_num_seqs=max(1, args.num_samples)))
+        draft = draft.to(torch.bfloat16) if draft is not None else None
+    engine = Engine(model, tok, EngineConfig(kv_budget=args.kv_budget, max_num_seqs=max(1, args.num_samples),
+                                             num_speculative_tokens=args.num_speculative_tokens), draft=draft)
     for i, out in enumerate(engine.generate([args.prompt] * args.num_samples, params)):
         text = args.prompt + out.text
         sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))

@@ -31,6 +31,17 @@ class ServerMetrics:
         Gauge("moekit_preemptions", "requests preempted (recomputed) so far", registry=r).set_function(
             lambda: engine.scheduler.num_preemptions)
 
+        if engine.spec is not None:
+            stats = engine.spec.stats
+            Gauge("moekit_spec_acceptance_rate", "accepted / proposed draft tokens", registry=r).set_function(
+                lambda: stats.acceptance_rate)
+            Gauge("moekit_spec_mean_accepted_length", "tokens emitted per speculative request-step",
+                  registry=r).set_function(lambda: stats.mean_accepted_length)
+            accepted_at = Gauge("moekit_spec_accepted_at_position", "proposals accepted at each draft position",
+                                ["position"], registry=r)
+            for j in range(len(stats.accepted_at)):
+                accepted_at.labels(str(j)).set_function(lambda j=j: stats.accepted_at[j])
+
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
         self.http.observe(seconds)

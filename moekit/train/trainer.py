@@ -4,6 +4,7 @@ bf16 autocast on GPU, MoE aux losses, per-source validation, checkpoints and exa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -49,6 +50,15 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.o
                              fused=device.type == "cuda")
 
 
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per token, averaged, on logits [..., V] softened by the temperature
+    and scaled by T^2 so gradients keep their size (Hinton et al., 2015)."""
+    t = temperature
+    log_s = torch.log_softmax(student.float() / t, -1)
+    log_t = torch.log_softmax(teacher.float() / t, -1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean() * t * t
+
+
 @dataclass
 class StepResult:
     loss: float  # cross-entropy, mean over the step's micro-batches
@@ -57,6 +67,7 @@ class StepResult:
     grad_norm: float
     expert_load: list[list[float]]  # [moe layers][experts]
     dropped: float
+    distill_kl: float = 0.0
 
 
 class Trainer:
@@ -72,6 +83,12 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.opt = make_optimizer(self.model, cfg.train, device)
         self.step = 0
+        self.teacher = None
+        if cfg.train.distill_from:
+            from moekit.infer.generate import load_for_inference
+
+            self.teacher, _ = load_for_inference(cfg.train.distill_from, str(device))
+            self.teacher.requires_grad_(False)
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -125,7 +142,7 @@ class Trainer:
             g["lr"] = lr_at(self.step, tc)
         accum = batch_tokens_at(self.step, tc) // (tc.micro_batch * tc.seq_len)
         self.model.train()
-        ce = bal = z = dropped = torch.zeros((), device=self.device)
+        ce = bal = z = dropped = distill = torch.zeros((), device=self.device)
         load = None
         world, rank = (self.dist.world, self.dist.rank) if self.dist else (1, 0)
         for _ in range(accum):
@@ -135,7 +152,14 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast_for(self.device, tc.dtype):
                 out = self.forward(x, y)
-            (out.loss / accum).backward()
+                loss = out.loss
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(x).logits
+                    kl = distill_loss(out.logits, teacher_logits, tc.distill_temperature)
+                    loss = loss + tc.distill_alpha * (kl - out.ce_loss)
+                    distill = distill + kl.detach() / accum
+            (loss / accum).backward()
             ce = ce + out.ce_loss.detach() / accum
             if out.router_stats:
                 bal = bal + out.balance_loss.detach() / accum
@@ -159,7 +183,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         return StepResult(loss, bal.item(), z.item(), grad_norm.item(),
-                          load.tolist() if load is not None else [], dropped.item())
+                          load.tolist() if load is not None else [], dropped.item(), distill.item())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -191,6 +215,8 @@ class Trainer:
             rec = {"loss": r.loss, "balance_loss": r.balance, "z_loss": r.z, "grad_norm": r.grad_norm,
                    "lr": lr_at(self.step - 1, tc), "batch_tokens": tokens, "tokens_per_s": tokens / dt,
                    "dropped": r.dropped, "expert_load": r.expert_load}
+            if self.teacher is not None:
+                rec["distill_kl"] = r.distill_kl
             for i, layer in enumerate(r.expert_load):
                 rec[f"expert_load_max/layer{i}"] = max(layer)
             if self.step % tc.eval_every == 0 or self.step == tc.steps:
@@ -225,6 +251,12 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
                                 f"--resume {run_dir}, or choose another --out-dir")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if ckpt is None and cfg.train.distill_from:
+        from moekit.interop.convert import load_source
+
+        src_cfg, _, tokenizer, _ = load_source(cfg.train.distill_from)  # the draft shares the tokenizer
+        if cfg.model.vocab_size != src_cfg.vocab_size:
+            cfg.model = dataclasses.replace(cfg.model, vocab_size=src_cfg.vocab_size)
     init_sd = None
     if ckpt is None and cfg.train.init_from:
         from moekit.interop.convert import load_source
