@@ -1,0 +1,86 @@
+"""Decode with and without speculative decoding, same prompts from the held-out corpus, same
+run: output tok/s at batch 1, 8 and 32, acceptance rate, mean accepted length, per-position
+acceptance, and whether greedy outputs are identical.
+
+    python bench/speculative.py --target runs/tiny --draft runs/draft            # CPU or GPU
+    python bench/speculative.py --target RUN --draft DRAFT --k 4 --new-tokens 128 --batches 1,8,32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import env_info, gpu_tag, write_result  # noqa: E402
+from moekit.data.corpus import load_corpus  # noqa: E402
+from moekit.infer.engine import Engine, EngineConfig  # noqa: E402
+from moekit.infer.generate import load_draft, load_for_inference  # noqa: E402
+from moekit.infer.sampling import SamplingParams  # noqa: E402
+from moekit.train import checkpoint as ckpt_io  # noqa: E402
+
+
+def prompts_from_corpus(target: str, n: int, chars: int = 200) -> list[str]:
+    data = ckpt_io.load_run_config(ckpt_io.resolve_checkpoint(target)).data
+    docs = [d.text for _, val in load_corpus(data).values() for d in val]
+    return [d[:chars] for d in docs[:n]]
+
+
+def timed(engine: Engine, prompts, params) -> tuple[float, list[list[int]]]:
+    engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    return sum(len(o.output_token_ids) for o in outs) / dt, [o.output_token_ids for o in outs]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--draft", required=True)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--kv-budget", default="256MiB")
+    args = ap.parse_args()
+
+    target, tok = load_for_inference(args.target, args.device)
+    draft = load_draft(args.draft, tok, args.device)
+    if next(target.parameters()).is_cuda:
+        target, draft = target.to(torch.bfloat16), draft.to(torch.bfloat16)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        prompts = prompts_from_corpus(args.target, b)
+        cfg = EngineConfig(kv_budget=args.kv_budget, max_num_seqs=b, num_speculative_tokens=args.k,
+                           speculative_max_batch=max(b, 1))
+        base_tps, base_out = timed(Engine(target, tok, cfg), prompts, params)
+        spec_engine = Engine(target, tok, cfg, draft=draft)
+        spec_tps, spec_out = timed(spec_engine, prompts, params)
+        st = spec_engine.spec.stats
+        rows.append({"batch": b, "tok_s": base_tps, "tok_s_speculative": spec_tps, "speedup": spec_tps / base_tps,
+                     "identical_greedy": spec_out == base_out, "acceptance_rate": st.acceptance_rate,
+                     "mean_accepted_length": st.mean_accepted_length, "accepted_at_position": st.accepted_at})
+        print(rows[-1], flush=True)
+    tag = gpu_tag() if torch.cuda.is_available() else "cpu"
+    path = write_result(f"speculative_{tag}", {"bench": "speculative", **env_info(), "target": args.target,
+                                               "draft": args.draft, "k": args.k, "new_tokens": args.new_tokens,
+                                               "results": rows})
+    print(f"{'batch':>5s} {'tok/s':>9s} {'spec tok/s':>11s} {'speedup':>8s} {'accept':>7s} {'len':>5s} identical")
+    for r in rows:
+        print(f"{r['batch']:5d} {r['tok_s']:9.1f} {r['tok_s_speculative']:11.1f} {r['speedup']:8.2f} "
+              f"{r['acceptance_rate']:7.1%} {r['mean_accepted_length']:5.2f} {r['identical_greedy']}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
