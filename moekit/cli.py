@@ -112,7 +112,8 @@ def cmd_train(args) -> int:
     from moekit.train.trainer import train_main
 
     if args.resume:
-        train_main(None, resume=args.resume, steps=args.steps)
+        layout = {k: getattr(args, k) for k in ("dp", "ep") if getattr(args, k) is not None}
+        train_main(None, resume=args.resume, steps=args.steps, layout=layout)
     else:
         train_main(run_config_from_args(args))
     return 0

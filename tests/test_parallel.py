@@ -134,7 +134,7 @@ def test_parallel_dims_are_validated():
         ParallelDims(dp=0).validate(0)
 
 
-def _run_config_toml(tmp_path, name: str, dp: int, micro_batch: int) -> str:
+def _run_config_toml(tmp_path, name: str, dp: int, micro_batch: int, ep: int = 1) -> str:
     # the validation set holds eval_batches x micro_batch sequences: keep it the same size
     eval_batches = 16 // micro_batch
     cache = tmp_path / "cache"
@@ -150,6 +150,8 @@ n_experts = 4
 top_k = 2
 max_seq_len = 64
 expert_impl = "loop"
+balance_loss_coef = 0.0
+z_loss_coef = 0.0
 [train]
 out_dir = "{tmp_path / name}"
 steps = 4
@@ -163,6 +165,7 @@ sample_tokens = 0
 device = "cpu"
 threads = 1
 dp = {dp}
+ep = {ep}
 [data]
 max_docs = 12
 max_doc_chars = 3000
@@ -174,9 +177,12 @@ cache_dir = "{cache}"
     return str(path)
 
 
-def test_torchrun_data_parallel_training_matches_one_process(tmp_path):
-    """`torchrun --nproc-per-node 2 -m moekit train` (FSDP, 2 sequences per rank) and one process
-    with 4 sequences see the same global batches: same losses, and the checkpoint is full."""
+@pytest.mark.parametrize("mode", ["dp", "ep"])
+def test_torchrun_training_matches_one_process(tmp_path, mode):
+    """`torchrun --nproc-per-node 2 -m moekit train` with --dp 2 (FSDP) or --ep 2 (experts split
+    over the ranks), 2 sequences per rank, and one process with 4 sequences see the same global
+    batches: same losses, and the checkpoint holds full tensors. (The balance and z losses are
+    computed per rank, so they are off here.)"""
     import json
     import subprocess
     import sys
@@ -185,7 +191,7 @@ def test_torchrun_data_parallel_training_matches_one_process(tmp_path):
 
     single = _run_config_toml(tmp_path, "single", dp=1, micro_batch=4)
     subprocess.run([sys.executable, "-m", "moekit", "train", "--config", single], check=True, capture_output=True)
-    dp2 = _run_config_toml(tmp_path, "dp2", dp=2, micro_batch=2)
+    dp2 = _run_config_toml(tmp_path, "dp2", dp=2 if mode == "dp" else 1, micro_batch=2, ep=2 if mode == "ep" else 1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                         "--master-port", str(_free_port()), "-m", "moekit", "train", "--config", dp2],
@@ -208,6 +214,14 @@ def test_torchrun_data_parallel_training_matches_one_process(tmp_path):
     a = load_file(str(list_checkpoints(tmp_path / "single")[-1] / "model.safetensors"))
     b = load_file(str(ckpts[-1] / "model.safetensors"))
     assert a.keys() == b.keys()
+    # a checkpoint saved by 2 ranks resumes in one process with the same global batch: same losses
+    import shutil
+
+    from moekit.train.trainer import train_main
+
+    shutil.copytree(ckpts[0], tmp_path / "resumed" / ckpts[0].name)
+    train_main(None, resume=str(tmp_path / "resumed"), progress=False, layout={"dp": 1, "ep": 1})
+    assert losses("resumed")[0] == pytest.approx(train_b[2:], rel=1e-4)
     lr = 3e-3  # TrainConfig's default
     for k in a:  # full, unsharded tensors of the same shape and values
         assert b[k].shape == a[k].shape

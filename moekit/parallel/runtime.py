@@ -13,7 +13,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh
 
-from moekit.errors import ConfigError
 from moekit.parallel.mesh import ParallelDims, build_mesh
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -25,6 +24,7 @@ class DistContext:
     world: int
     device: torch.device
     mesh: DeviceMesh
+    dims: ParallelDims
 
     @property
     def is_main(self) -> bool:
@@ -38,9 +38,6 @@ def init_distributed(dp: int, ep: int, device: str) -> DistContext | None:
     if world == 1 and dp == 1 and ep == 1:
         return None
     dims.validate(world)
-    if ep > 1:
-        raise ConfigError("the trainer runs data parallel (--dp) so far; expert parallelism is available to "
-                          "your own loop through moekit.parallel.expert_parallel.apply_expert_parallel")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda:
@@ -48,21 +45,64 @@ def init_distributed(dp: int, ep: int, device: str) -> DistContext | None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    return DistContext(dist.get_rank(), dist.get_world_size(), dev, build_mesh(dims, dev.type))
+    return DistContext(dist.get_rank(), dist.get_world_size(), dev, build_mesh(dims, dev.type), dims)
+
+
+def _expert_shards(model: torch.nn.Module) -> dict:
+    from moekit.parallel.expert_parallel import ExpertParallelExperts
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, ExpertParallelExperts)}
+
+
+def _gather_experts(t: torch.Tensor, m) -> torch.Tensor:
+    """Concatenate every EP rank's slice along the expert dimension (collective)."""
+    parts = [torch.empty_like(t) for _ in range(m.ep)]
+    dist.all_gather(parts, t.contiguous(), group=m.group)
+    return torch.cat(parts)
+
+
+def _slice_experts(t: torch.Tensor, m) -> torch.Tensor:
+    return t[m.rank * m.n_local:(m.rank + 1) * m.n_local]
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return get_model_state_dict(model, options=FULL)
+    shards = _expert_shards(model)
+    if not shards:
+        return get_model_state_dict(model, options=FULL)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for name, m in shards.items():
+        for pn in ("w1", "w3", "w2"):
+            sd[f"{name}.{pn}"] = _gather_experts(getattr(m, pn).detach(), m).cpu()
+    return sd
 
 
 def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    return get_optimizer_state_dict(model, opt, options=FULL)
+    osd = get_optimizer_state_dict(model, opt, options=FULL)  # complete on rank 0 only
+    for name, m in _expert_shards(model).items():
+        for pn in ("w1", "w3", "w2"):
+            local = opt.state.get(getattr(m, pn), {})  # every rank joins the gathers
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in local:
+                    full = _gather_experts(local[key], m).cpu()
+                    if "state" in osd:
+                        osd["state"][f"{name}.{pn}"][key] = full
+    return osd
 
 
 def load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer | None, model_sd: dict | None,
                     opt_sd: dict | None) -> None:
     """Load full (unsharded) state into a model and optimizer of any layout."""
     opts = StateDictOptions(full_state_dict=True)
+    for name, m in _expert_shards(model).items():  # expert parallel: keep this rank's experts
+        for pn in ("w1", "w3", "w2"):
+            key = f"{name}.{pn}"
+            if model_sd is not None and key in model_sd:
+                model_sd = {**model_sd, key: _slice_experts(model_sd[key], m)}
+            st = (opt_sd or {}).get("state", {}).get(key)
+            if st is not None:
+                for k in ("exp_avg", "exp_avg_sq"):
+                    if k in st:
+                        st[k] = _slice_experts(st[k], m)
     if model_sd is not None:
         if getattr(model.cfg, "tie_embeddings", False) and "lm_head.weight" not in model_sd:
             model_sd = {**model_sd, "lm_head.weight": model_sd["embed.weight"]}

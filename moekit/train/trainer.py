@@ -76,7 +76,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
         self.model: Transformer = build_model(cfg.model, device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
-        if dist_ctx is not None:
+        self.ep_group = None
+        if dist_ctx is not None and dist_ctx.dims.ep > 1:
+            from moekit.parallel.expert_parallel import apply_expert_parallel
+
+            self.ep_group = dist_ctx.mesh.get_group("ep")
+            apply_expert_parallel(self.model, self.ep_group)
+        elif dist_ctx is not None:
             from moekit.parallel.mesh import apply_fsdp
 
             apply_fsdp(self.model, dist_ctx.mesh["dp"])
@@ -167,7 +173,13 @@ class Trainer:
                 layer_load = torch.stack([s.load for s in out.router_stats])  # [moe layers, E]
                 load = layer_load / accum if load is None else load + layer_load / accum
                 dropped = dropped + torch.stack([s.dropped for s in out.router_stats]).mean() / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        if self.ep_group is not None:
+            from moekit.parallel.expert_parallel import clip_grad_norm, sync_replicated_grads
+
+            sync_replicated_grads(self.model, self.ep_group)
+            grad_norm = clip_grad_norm(self.model, tc.grad_clip, self.ep_group)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         if self.dist is not None:  # log the global means
@@ -230,7 +242,7 @@ class Trainer:
 
 
 def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool = True,
-               steps: int | None = None) -> Path:
+               steps: int | None = None, layout: dict | None = None) -> Path:
     """Start a run (cfg) or continue one (resume = run or checkpoint folder; steps = a new last step,
     which stretches the LR schedule). Returns the run folder."""
     tokenizer, ckpt = None, None
@@ -240,7 +252,14 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
         cfg = ckpt_io.load_run_config(ckpt)
         if steps is not None:
             cfg.train.steps = steps
-            cfg.validate()
+        if layout:  # checkpoints hold full tensors: resume at another --dp / --ep layout
+            micro = cfg.train.micro_batch * cfg.train.dp * cfg.train.ep
+            cfg.train = dataclasses.replace(cfg.train, **layout)
+            ranks = cfg.train.dp * cfg.train.ep
+            if micro % ranks:
+                raise TrainingError(f"the global micro-batch of {micro} sequences does not split over {ranks} ranks")
+            cfg.train.micro_batch = micro // ranks  # same global batch, so the run continues exactly
+        cfg.validate()
         tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
         run_dir = ckpt.parent
     else:
@@ -284,7 +303,7 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
         run_dir.mkdir(parents=True, exist_ok=True)
         sizes = ", ".join(f"{k}: {v['train_docs']} docs / {v['train_tokens']:,} tokens" for k, v in data.stats.items())
         n = sum(p.numel() for p in build_model(cfg.model, "meta").parameters())
-        where = f"{ctx.world} ranks (FSDP)" if ctx is not None else str(device)
+        where = str(device) if ctx is None else f"{ctx.world} ranks ({'EP' if ctx.dims.ep > 1 else 'FSDP'})"
         print(f"run {run_dir}: {n / 1e6:.2f}M parameters on {where}; corpus {sizes}")
     try:
         trainer.fit(logger, progress)
