@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from moekit.config import ModelConfig
 from moekit.model.layers import SwiGLU
-from moekit.ops.experts import combine, grouped_mm_supported, sort_by_expert, swiglu_grouped, swiglu_loop
+from moekit.ops.experts import combine, expert_swiglu, sort_by_expert
 
 
 @dataclass
@@ -102,20 +102,9 @@ class Experts(nn.Module):
         """x: [N, d] -> [N, d]"""
         E, k = self.w1.shape[0], routing.experts.shape[1]
         order, counts = sort_by_expert(routing.experts, E, routing.keep)  # [N*k], [E]
-        w1, w3, w2 = self.w1, self.w3, self.w2
-        if torch.is_autocast_enabled(x.device.type):
-            # autocast does not cover grouped_mm; cast once here like it does for Linear
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, w1, w3, w2 = x.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
         xs = x[order // k]  # [N*k, d] token rows, sorted by expert
-        use_grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_supported(xs, w1, w2))
-        if self.impl == "grouped" and not grouped_mm_supported(xs, w1, w2):
-            raise RuntimeError(f"torch._grouped_mm is not available for {xs.dtype} on {xs.device.type} "
-                               "with these shapes; use expert_impl='loop' or 'auto'")
-        if use_grouped:
-            ys = swiglu_grouped(xs, w1, w3, w2, counts, dropless=routing.keep is None)  # [N*k, d]
-        else:
-            ys = swiglu_loop(xs, w1, w3, w2, counts)  # [N*k, d]
+        ys = expert_swiglu(xs, self.w1, self.w3, self.w2, counts, self.impl,
+                           dropless=routing.keep is None)  # [N*k, d]
         return combine(ys, order, routing.gates)
 
 

@@ -91,6 +91,23 @@ def swiglu_loop(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.T
     return torch.cat(ys)
 
 
+def expert_swiglu(xs: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
+                  impl: str = "auto", dropless: bool = False) -> torch.Tensor:
+    """Expert SwiGLU on rows sorted by expert, through the grouped path or the loop reference
+    (impl: "auto" | "grouped" | "loop"). Under autocast the operands are cast once here: autocast
+    does not cover grouped_mm."""
+    if torch.is_autocast_enabled(xs.device.type):
+        dt = torch.get_autocast_dtype(xs.device.type)
+        xs, w1, w3, w2 = xs.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
+    supported = impl != "loop" and grouped_mm_supported(xs, w1, w2)
+    if impl == "grouped" and not supported:
+        raise RuntimeError(f"torch._grouped_mm is not available for {xs.dtype} on {xs.device.type} "
+                           "with these shapes; use expert_impl='loop' or 'auto'")
+    if supported:
+        return swiglu_grouped(xs, w1, w3, w2, counts, dropless=dropless)
+    return swiglu_loop(xs, w1, w3, w2, counts)
+
+
 def combine(y_sorted: torch.Tensor, order: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """Undo the expert sort and sum each token's k expert outputs weighted by its gates.
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from moekit.errors import ConfigError
 from moekit.model.moe import Experts, MoELayer, Routing
-from moekit.ops.experts import combine, sort_by_expert, swiglu_grouped, swiglu_loop, grouped_mm_supported
+from moekit.ops.experts import combine, expert_swiglu, sort_by_expert
 
 
 class ExpertParallelExperts(nn.Module):
@@ -51,10 +51,7 @@ class ExpertParallelExperts(nn.Module):
         regroup = torch.argsort(local_e, stable=True)  # [R]
         per_expert = recv_counts.view(ep, El).sum(0)  # [El]
         xr = recv[regroup]
-        use_grouped = self.impl != "loop" and grouped_mm_supported(xr, self.w1, self.w2)
-        f = swiglu_grouped if use_grouped else swiglu_loop
-        kw = {"dropless": True} if use_grouped else {}
-        yr = f(xr, self.w1, self.w3, self.w2, per_expert, **kw)  # [R, d]
+        yr = expert_swiglu(xr, self.w1, self.w3, self.w2, per_expert, self.impl, dropless=True)  # [R, d]
         back = torch.empty_like(yr).index_copy(0, regroup, yr)  # (source, local expert) order again
         ys = xs.new_empty(xs.shape)
         ys = dist_fn.all_to_all_single(ys, back, send_splits, recv_splits, group=self.group)  # [N*k, d]

@@ -232,6 +232,19 @@ def create_app(aengine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig | N
         done = sum(len(c.token_ids) for c in choices)
         return {"prompt_tokens": prompt_len, "completion_tokens": done, "total_tokens": prompt_len + done}
 
+    def chunker(rid: str, created: int, obj: str, choice):
+        """Stream chunk builder: choice(i, delta, logprobs, finish) -> the choice dict; a call with
+        use= gives the final usage chunk."""
+        def chunk(i, delta, lp, finish, use=None):
+            base = {"id": rid, "object": obj, "created": created, "model": cfg.model_name}
+            if use is not None:
+                return {**base, "choices": [], "usage": use}
+            return {**base, "choices": [choice(i, delta, lp, finish)]}
+        return chunk
+
+    def include_usage(body) -> bool:
+        return bool(body.stream_options and body.stream_options.include_usage)
+
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
@@ -314,13 +327,9 @@ def create_app(aengine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig | N
         admit(len(params))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            def chunk(i, text, lp, finish, use=None):
-                base = {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name}
-                if use is not None:
-                    return {**base, "choices": [], "usage": use}
-                return {**base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return stream_response(ids, params, chunk, include, chat=False)
+            chunk = chunker(rid, created, "text_completion", lambda i, text, lp, finish: {
+                "index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+            return stream_response(ids, params, chunk, include_usage(body), chat=False)
         choices = await run_all(ids, params, request=request)
         return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
                 "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
@@ -343,14 +352,11 @@ def create_app(aengine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig | N
         admit(len(params))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            def chunk(i, delta, lp_, finish, use=None):
-                base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name}
-                if use is not None:
-                    return {**base, "choices": [], "usage": use}
+            def choice(i, delta, lp_, finish):
                 d = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
-                return {**base, "choices": [{"index": i, "delta": d, "logprobs": lp_, "finish_reason": finish}]}
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return stream_response(ids, params, chunk, include, chat=True)
+                return {"index": i, "delta": d, "logprobs": lp_, "finish_reason": finish}
+            chunk = chunker(rid, created, "chat.completion.chunk", choice)
+            return stream_response(ids, params, chunk, include_usage(body), chat=True)
         choices = await run_all(ids, params, request=request)
         return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
