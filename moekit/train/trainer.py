@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,41 +287,48 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
     from moekit.parallel.runtime import init_distributed, load_full_state
 
     ctx = init_distributed(cfg.train.dp, cfg.train.ep, cfg.train.device)
-    device = ctx.device if ctx is not None else resolve_device(cfg.train.device)
-    data = prepare_data(cfg, tokenizer)
-    trainer = Trainer(cfg, run_dir, data, device, ctx)
-    main = trainer.is_main
-    if init_sd is not None:
-        load_full_state(trainer.model, None, init_sd, None)
-    logger = MetricsLogger(run_dir) if main else NullLogger()
-    progress = progress and main
-    if ckpt is not None:
-        trainer.load(ckpt)
-        logger.truncate_after(trainer.step)
-        if main:
-            print(f"resumed {run_dir} at step {trainer.step}")
-    elif main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        sizes = ", ".join(f"{k}: {v['train_docs']} docs / {v['train_tokens']:,} tokens" for k, v in data.stats.items())
-        n = sum(p.numel() for p in build_model(cfg.model, "meta").parameters())
-        where = str(device) if ctx is None else f"{ctx.world} ranks ({'EP' if ctx.dims.ep > 1 else 'FSDP'})"
-        print(f"run {run_dir}: {n / 1e6:.2f}M parameters on {where}; corpus {sizes}")
     try:
-        trainer.fit(logger, progress)
-    finally:
-        logger.close()
-    final = trainer.evaluate()  # collective under FSDP: every rank runs it
-    if not main:
-        return run_dir
-    baseline = unigram_entropy(data.mixture.sources, data.tokenizer.vocab_size)
-    plots = plot_run(run_dir, baseline)
-    print("validation loss: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in final.items())
-          + f" (unigram entropy of the corpus: {baseline:.3f})")
-    print("plots: " + ", ".join(str(p) for p in plots))
-    if cfg.train.sample_tokens and ctx is None:
-        from moekit.infer.generate import sample_text
+        device = ctx.device if ctx is not None else resolve_device(cfg.train.device)
+        data = prepare_data(cfg, tokenizer)
+        trainer = Trainer(cfg, run_dir, data, device, ctx)
+        main = trainer.is_main
+        if init_sd is not None:
+            load_full_state(trainer.model, None, init_sd, None)
+        logger = MetricsLogger(run_dir) if main else NullLogger()
+        progress = progress and main
+        if ckpt is not None:
+            trainer.load(ckpt)
+            logger.truncate_after(trainer.step)
+            if main:
+                print(f"resumed {run_dir} at step {trainer.step}")
+        elif main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            sizes = ", ".join(f"{k}: {v['train_docs']} docs / {v['train_tokens']:,} tokens" for k, v in data.stats.items())
+            n = sum(p.numel() for p in build_model(cfg.model, "meta").parameters())
+            where = str(device) if ctx is None else f"{ctx.world} ranks ({'EP' if ctx.dims.ep > 1 else 'FSDP'})"
+            print(f"run {run_dir}: {n / 1e6:.2f}M parameters on {where}; corpus {sizes}")
+        try:
+            trainer.fit(logger, progress)
+        finally:
+            logger.close()
+        final = trainer.evaluate()  # collective under FSDP: every rank runs it
+        if not main:
+            return run_dir
+        baseline = unigram_entropy(data.mixture.sources, data.tokenizer.vocab_size)
+        plots = plot_run(run_dir, baseline)
+        print("validation loss: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in final.items())
+              + f" (unigram entropy of the corpus: {baseline:.3f})")
+        print("plots: " + ", ".join(str(p) for p in plots))
+        if cfg.train.sample_tokens and ctx is None:
+            from moekit.infer.generate import sample_text
 
-        text = sample_text(trainer.model, data.tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens,
-                           temperature=0.8, top_k=50, seed=cfg.train.seed)
-        print(f"--- sample ---\n{text}\n--------------")
-    return run_dir
+            text = sample_text(trainer.model, data.tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens,
+                               temperature=0.8, top_k=50, seed=cfg.train.seed)
+            print(f"--- sample ---\n{text}\n--------------")
+        return run_dir
+    finally:
+        if ctx is not None and torch.distributed.is_initialized():
+            # tear the process group down before exit: gloo aborts when its peers vanish first
+            if sys.exc_info()[0] is None:  # after a failure a peer may never reach the barrier
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
