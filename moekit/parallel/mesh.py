@@ -35,9 +35,13 @@ class ParallelDims:
         return self
 
 
+MESH_DIMS = ("pp", "dp", "ep", "tp")  # outermost to innermost: tp ranks are neighbours (fastest links)
+
+
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
-    """A 2-D (dp, ep) mesh over all ranks."""
-    return init_device_mesh(device_type, (dims.dp, dims.ep), mesh_dim_names=("dp", "ep"))
+    """A 4-D (pp, dp, ep, tp) mesh over all ranks; a dimension of size 1 is a no-op."""
+    shape = tuple(getattr(dims, name) for name in MESH_DIMS)
+    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool = False) -> nn.Module:

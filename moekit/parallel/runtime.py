@@ -31,11 +31,10 @@ class DistContext:
         return self.rank == 0
 
 
-def init_distributed(dp: int, ep: int, device: str) -> DistContext | None:
+def init_distributed(dims: ParallelDims, device: str) -> DistContext | None:
     """None for a single process; else the process group (NCCL on GPU, gloo on CPU) and mesh."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dims = ParallelDims(dp=dp, ep=ep)
-    if world == 1 and dp == 1 and ep == 1:
+    if world == 1 and dims.dp * dims.tp * dims.pp * dims.ep == 1:
         return None
     dims.validate(world)
     local = int(os.environ.get("LOCAL_RANK", "0"))

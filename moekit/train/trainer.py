@@ -284,9 +284,10 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
         src_cfg, init_sd, tokenizer, _ = load_source(cfg.train.init_from)
         if build_model(src_cfg, "meta").state_dict().keys() != build_model(cfg.model, "meta").state_dict().keys():
             raise TrainingError(f"--init-from {cfg.train.init_from}: its weights do not fit the model config")
+    from moekit.parallel.mesh import ParallelDims
     from moekit.parallel.runtime import init_distributed, load_full_state
 
-    ctx = init_distributed(cfg.train.dp, cfg.train.ep, cfg.train.device)
+    ctx = init_distributed(ParallelDims(dp=cfg.train.dp, ep=cfg.train.ep), cfg.train.device)
     try:
         device = ctx.device if ctx is not None else resolve_device(cfg.train.device)
         data = prepare_data(cfg, tokenizer)
