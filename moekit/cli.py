@@ -112,7 +112,7 @@ def cmd_train(args) -> int:
     from moekit.train.trainer import train_main
 
     if args.resume:
-        layout = {k: getattr(args, k) for k in ("dp", "ep") if getattr(args, k) is not None}
+        layout = {k: getattr(args, k) for k in ("dp", "ep", "tp", "pp") if getattr(args, k) is not None}
         train_main(None, resume=args.resume, steps=args.steps, layout=layout)
     else:
         train_main(run_config_from_args(args))

@@ -131,6 +131,8 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads, 0 = torch default
     dp: int = 1  # data-parallel (FSDP2) ranks; launch with torchrun --nproc-per-node dp
     ep: int = 1  # expert-parallel ranks
+    tp: int = 1  # tensor-parallel ranks (DTensor)
+    pp: int = 1  # pipeline stages (torch.distributed.pipelining)
     distill_from: str = ""  # train against this model's logits (a draft for speculative decoding)
     distill_alpha: float = 1.0  # weight of the distillation KL; 1 - alpha stays on the data's tokens
     distill_temperature: float = 1.0

@@ -287,7 +287,7 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
     from moekit.parallel.mesh import ParallelDims
     from moekit.parallel.runtime import init_distributed, load_full_state
 
-    ctx = init_distributed(ParallelDims(dp=cfg.train.dp, ep=cfg.train.ep), cfg.train.device)
+    ctx = init_distributed(ParallelDims(dp=cfg.train.dp, tp=cfg.train.tp, pp=cfg.train.pp, ep=cfg.train.ep), cfg.train.device)
     try:
         device = ctx.device if ctx is not None else resolve_device(cfg.train.device)
         data = prepare_data(cfg, tokenizer)
