@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import copy_tbps, env_info, gpu_tag, hf_mixtral, rel_err, write_result  # noqa: E402
+from bench.common import copy_tbps, cuda_time_ms, env_info, gpu_tag, hf_mixtral, rel_err, write_result  # noqa: E402
 from moekit.config import preset  # noqa: E402
 from moekit.infer.engine import Engine, EngineConfig  # noqa: E402
 from moekit.infer.kv_cache import kv_bytes_per_token  # noqa: E402
@@ -63,20 +63,88 @@ def hf_decode(cfg, prompt: torch.Tensor, new_tokens: int, impl: str) -> float:
     return new_tokens / dt
 
 
+def check_fused_step(cfg) -> dict:
+    """The fused decode step (bf16) and the model path (bf16) against the model path in float64,
+    on a 2-layer model of the bench shape with random weights: relative error of the logits."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from moekit.infer.fused_decode import FusedDecoder
+    from moekit.infer.kv_cache import PagedKVCache
+    from moekit.infer.runner import ModelRunner
+
+    small = dataclasses.replace(cfg, n_layers=2)
+    torch.manual_seed(3)
+    base = build_model(small, "cuda").eval()
+    out = {}
+    lens = [37, 300, 5, 129]
+    toks = torch.randint(0, small.vocab_size, (len(lens),), device="cuda")
+    prompts = [torch.randint(0, small.vocab_size, (L,)).tolist() for L in lens]
+    logits = {}
+    for name, dtype in (("fp64", torch.float64), ("bf16", torch.bfloat16), ("fused", torch.bfloat16)):
+        model = build_model(small, "cuda").eval()
+        model.load_state_dict(base.state_dict())
+        model = model.to(dtype)
+        kv = PagedKVCache(small, 64, 16, "cuda", dtype)
+        runner = ModelRunner(model, kv, 1024, 8, cuda_graphs=False, fused=False)
+        reqs = [SimpleNamespace(blocks=list(range(1 + 12 * i, 13 + 12 * i))) for i in range(len(lens))]
+        for r, p in zip(reqs, prompts):
+            runner.forward_chunks([(r, 0, p)])
+        if name == "fused":
+            fused = FusedDecoder(model, kv.k, kv.v)
+            tables = torch.tensor([r.blocks + [0] * (runner.max_blocks - len(r.blocks)) for r in reqs],
+                                  device="cuda", dtype=torch.int32)
+            slots = torch.tensor([r.blocks[L // 16] * 16 + L % 16 for r, L in zip(reqs, lens)], device="cuda")
+            logits[name] = fused(toks, torch.tensor(lens, device="cuda"), slots, tables,
+                                 torch.tensor(lens, device="cuda", dtype=torch.int32) + 1)
+        else:
+            logits[name] = runner.forward_chunks([(r, L, [int(t)]) for r, L, t in zip(reqs, lens, toks)])
+    out["fused_bf16_vs_fp64"] = rel_err(logits["fused"], logits["fp64"])
+    out["model_bf16_vs_fp64"] = rel_err(logits["bf16"], logits["fp64"])
+    out["argmax_agree_fused_vs_fp64"] = float((logits["fused"].argmax(-1) == logits["fp64"].argmax(-1)).float().mean())
+    return out
+
+
+def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, fused: bool, compile: bool = False):
+    """Greedy batch-1 decode through the engine: (tok/s, tokens, GPU ms per replayed decode graph,
+    start-up seconds)."""
+    engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=max_num_seqs, cuda_graphs=True,
+                                              compile=compile, fused_decode=fused))
+    t = time.perf_counter()
+    engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0))  # warm-up, autotune, graph capture
+    startup_s = time.perf_counter() - t
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
+    engine.step()  # prefill + first token
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    toks = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            toks += o.new_token_ids if o.request_id == rid else []
+    torch.cuda.synchronize()
+    tps = len(toks) / (time.perf_counter() - t)
+    g, _ = engine.runner.graphs[1]
+    step_ms = cuda_time_ms(g.replay, warmup=5, iters=50)  # the decode step alone, no host work
+    del engine
+    torch.cuda.empty_cache()
+    return tps, toks, step_ms, startup_s
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="bench-decode")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--hf-impls", default="grouped_mm,eager")
-    ap.add_argument("--compile", action="store_true", help="compile the decode step inside the CUDA graphs")
+    ap.add_argument("--compile", action="store_true", help="also run the model path compiled inside the CUDA graphs")
     ap.add_argument("--max-num-seqs", type=int, default=8)
-    ap.add_argument("--profile", action="store_true", help="print the kernel table of 5 decode steps")
+    ap.add_argument("--profile", action="store_true", help="print the kernel table of the fused decode step")
     args = ap.parse_args()
 
     numerics = check_paged_kernel()
-    bw = copy_tbps()
     cfg = preset(args.preset)
+    fused_numerics = check_fused_step(cfg)
+    bw = copy_tbps()
     torch.manual_seed(0)
     model = build_model(cfg, "cuda").to(torch.bfloat16).eval()
     counts = count_model(model, context=args.prompt_len + args.new_tokens)
@@ -87,49 +155,52 @@ def main():
     roofline = bw * 1e12 / (weight_bytes + kv_bytes)
 
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=args.max_num_seqs, cuda_graphs=True,
-                                              compile=args.compile))
-    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    t = time.perf_counter()
-    engine.generate([prompt[0].tolist()], SamplingParams(max_tokens=16, temperature=0))  # warm-up + graph capture
-    startup_s = time.perf_counter() - t
+    runs = {"moekit-fused": dict(fused=True), "moekit-unfused": dict(fused=False)}
+    if args.compile:
+        runs["moekit-unfused-compiled"] = dict(fused=False, compile=True)
+    results, step_ms, startup, tokens = {}, {}, {}, {}
+    for name, kw in runs.items():
+        results[name], tokens[name], step_ms[name], startup[name] = engine_decode(
+            model, prompt[0].tolist(), args.new_tokens, args.max_num_seqs, **kw)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        engine.add_request(prompt[0].tolist(), SamplingParams(max_tokens=6, temperature=0))
-        engine.step()
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            while engine.has_unfinished():
-                engine.step()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-    engine.add_request(prompt[0].tolist(), params)
-    engine.step()  # prefill + first token
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    n = 0
-    while engine.has_unfinished():
-        n += len(engine.step())
-    torch.cuda.synchronize()
-    moekit_tps = n / (time.perf_counter() - t)
-
-    results = {"moekit": moekit_tps}
+        engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=args.max_num_seqs))
+        engine.generate([prompt[0].tolist()], SamplingParams(max_tokens=4, temperature=0))
+        buf = engine.runner._graph_inputs(1)
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):  # the fused step outside the graph: one row per kernel
+                engine.runner._run_static(buf)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=50))
+        del engine
+    same = sum(1 for _ in zip(tokens["moekit-fused"], tokens["moekit-unfused"]))
+    agree = next((i for i, (a, b) in enumerate(zip(tokens["moekit-fused"], tokens["moekit-unfused"])) if a != b), same)
     for impl in [s for s in args.hf_impls.split(",") if s]:
         try:
             results[f"hf-{impl}"] = hf_decode(cfg, prompt.cuda(), args.new_tokens, impl)
         except Exception as e:
             results[f"hf-{impl}"] = f"{type(e).__name__}: {e}"[:200]
     payload = {"bench": "decode", **env_info(), "preset": args.preset, "prompt_len": args.prompt_len,
-               "new_tokens": args.new_tokens, "compile": args.compile, "startup_s": startup_s, "copy_tbps": bw, "active_weight_bytes": weight_bytes,
-               "kv_bytes_per_token_read_mean": kv_bytes, "roofline_tok_s": roofline,
+               "new_tokens": args.new_tokens, "startup_s": startup, "copy_tbps": bw,
+               "active_weight_bytes": weight_bytes, "kv_bytes_per_token_read_mean": kv_bytes, "roofline_tok_s": roofline,
                "total_params": counts.total_params, "active_params": counts.active_params,
-               "paged_kernel_rel_err_vs_fp64": numerics, "tok_s": results,
+               "paged_kernel_rel_err_vs_fp64": numerics, "fused_step_numerics": fused_numerics,
+               "greedy_tokens_identical_prefix_fused_vs_unfused": agree,
+               "decode_graph_ms": step_ms,
+               "decode_graph_fraction_of_roofline": {k: 1e3 / v / roofline for k, v in step_ms.items()},
+               "tok_s": results,
                "fraction_of_roofline": {k: v / roofline for k, v in results.items() if isinstance(v, float)}}
     path = write_result(f"decode_{gpu_tag()}", payload)
     print(f"paged decode kernel vs float64: {numerics}")
+    print(f"fused step vs float64: {fused_numerics}")
     print(f"{args.preset}: {counts.total_params / 1e9:.2f}B total, {counts.active_params / 1e9:.2f}B active; "
           f"copy {bw:.2f} TB/s; roofline {roofline:.0f} tok/s (weights {weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e6:.1f} MB)")
+    for k, v in step_ms.items():
+        print(f"  {k:24s} graph replay {v:.3f} ms = {1e3 / v:7.1f} tok/s  {1e3 / v / roofline:6.1%} of roofline")
     for k, v in results.items():
-        print(f"  {k:16s} " + (f"{v:8.1f} tok/s  {v / roofline:6.1%} of roofline" if isinstance(v, float) else v))
+        print(f"  {k:24s} " + (f"{v:8.1f} tok/s  {v / roofline:6.1%} of roofline" if isinstance(v, float) else v))
+    print(f"greedy tokens identical (fused vs unfused): first {agree} of {same}")
     print(f"wrote {path}")
 
 

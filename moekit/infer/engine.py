@@ -49,6 +49,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     num_speculative_tokens: int = 4  # with a draft model
     speculative_max_batch: int = 8  # above this many running requests, decode without speculation
+    fused_decode: bool = True  # small decode batches through the fused Triton step (GPU, CUDA graphs)
     compile: bool = False  # torch.compile the decode step in the CUDA graphs (GPU; measured slower on H100 so far)
     seed: int = 0
 
@@ -74,7 +75,7 @@ class Engine:
         self.kv_bytes_per_token = kv_bytes_per_token(model.cfg, dtype)
         self.scheduler = Scheduler(self.kv.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs,
-                                  cfg.compile)
+                                  cfg.compile, cfg.fused_decode)
         self.sampler = Sampler(self.device, cfg.seed)
         self.spec = None
         if draft is not None:

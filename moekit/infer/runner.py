@@ -14,11 +14,12 @@ from moekit.infer.scheduler import Request, ScheduledBatch
 from moekit.model.transformer import Transformer
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FUSED_MAX_BATCH = 8  # above this the grouped-GEMM model path reads each expert once for all its rows
 
 
 class ModelRunner:
     def __init__(self, model: Transformer, kv: PagedKVCache, max_model_len: int, max_num_seqs: int,
-                 cuda_graphs: bool = True, compile: bool = False):
+                 cuda_graphs: bool = True, compile: bool = False, fused: bool = True):
         self.model, self.kv = model, kv
         self.device = next(model.parameters()).device
         self.block_size = kv.block_size
@@ -31,6 +32,13 @@ class ModelRunner:
         # a decode step (norms, rotary, routing) is what brings it near the bandwidth limit
         # (static shapes: one compilation per captured batch size, captured on first use)
         self.decode_forward = torch.compile(model, dynamic=False) if compile and self.graph_sizes else model
+        # small decode batches run the fused Triton step (moekit.infer.fused_decode) in the graphs
+        self.fused = None
+        if fused and self.graph_sizes:
+            from moekit.infer.fused_decode import FusedDecoder, unsupported_reason
+
+            if unsupported_reason(model) is None:
+                self.fused = FusedDecoder(model, kv.k, kv.v)
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
                                                         2 * len(GRAPH_BATCH_SIZES))
@@ -104,6 +112,8 @@ class ModelRunner:
 
     def _run_static(self, buf: dict) -> torch.Tensor:
         b = buf["ids"].shape[1]
+        if self.fused is not None and b <= FUSED_MAX_BATCH:
+            return self.fused(buf["ids"][0], buf["pos"][0], buf["slots"], buf["tables"], buf["lens"])
         meta = AttentionMetadata(slot_mapping=buf["slots"], num_decode=b, block_tables=buf["tables"],
                                  context_lens=buf["lens"], prefills=[], max_context=self.max_blocks * self.block_size)
         return self.decode_forward(buf["ids"], caches=self._layers(meta), positions=buf["pos"]).logits[0]

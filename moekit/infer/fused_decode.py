@@ -1,0 +1,347 @@
+"""Fused small-batch decode step in Triton: eight kernels per MoE layer, each reading its weights
+once, so a decode step is bound by memory bandwidth rather than by kernel launches.
+
+Per layer, with the residual stream kept in float32 [B, d]:
+  1. RMSNorm + fused QKV projection                    (_norm_linear)
+  2. rotary embedding of q and k; k, v into their slots  (_rope_store)
+  3. paged attention                                     (triton_paged: split + merge)
+  4. output projection added into the residual           (_norm_linear, split-K, atomic add)
+  5. RMSNorm + router + softmax + top-k (+ renormalise)  (_route)
+  6. the chosen experts' gate and up projections, SiLU   (_expert_up)
+  7. the chosen experts' down projections, gate-weighted, added into the residual (_expert_down)
+The final norm + LM head is kernel 1 again. Every kernel takes only device tensors and reads no
+value on the host, so the whole step is captured in one CUDA graph.
+
+The plain model forward is the reference; tests hold the two equal (Triton's interpreter runs
+these kernels on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from moekit.infer.triton_paged import paged_decode_triton
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _restore(*names):
+    # autotuning runs a kernel many times: accumulating kernels get their output restored between runs
+    return {"restore_value": list(names)}
+
+
+# -- 1/4: (RMSNorm +) linear, W in nn.Linear layout [N, K] -----------------------------------------
+@triton.jit
+def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob,
+                 NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM. All rows of a
+    BM block share each weight tile (tl.dot on rows padded to BM). ACCUM adds into out (atomically
+    when the K range is split over programs); otherwise out is overwritten."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < B
+    n = pid_n * BN + tl.arange(0, BN)
+    nmask = n < N
+    if NORM:
+        ss = tl.zeros([BM], tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            xk = tl.load(x_ptr + rows[:, None] * stride_xb + kk[None, :],
+                         mask=rmask[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(xk * xk, 1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
+    k_lo = pid_k * k_per
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < K
+        xk = tl.load(x_ptr + rows[:, None] * stride_xb + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                     other=0.0).to(tl.float32)
+        if NORM:
+            g = tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+            xk = xk * rstd[:, None] * g[None, :]
+        w = tl.load(w_ptr + n[None, :] * stride_wn + kk[:, None], mask=kmask[:, None] & nmask[None, :],
+                    other=0.0)  # [BK, BN]
+        acc += tl.dot(xk.to(w.dtype), w, out_dtype=tl.float32)
+    optr = out_ptr + rows[:, None] * stride_ob + n[None, :]
+    omask = rmask[:, None] & nmask[None, :]
+    if ACCUM:
+        if SPLIT_K > 1:
+            tl.atomic_add(optr, acc, mask=omask)
+        else:
+            tl.store(optr, tl.load(optr, mask=omask, other=0.0) + acc, mask=omask)
+    else:
+        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+def _linear_configs(split: bool):
+    cfgs = []
+    for bn in (16, 32, 64):
+        for bk in (128, 256):
+            for splits in ((1, 4, 8) if split else (1,)):
+                cfgs.append(triton.Config({"BN": bn, "BK": bk, "SPLIT_K": splits}, num_warps=4, num_stages=4))
+    return cfgs
+
+
+_norm_linear_store = triton.autotune(_linear_configs(False), key=["B", "K", "N"])(_norm_linear)
+_norm_linear_accum = triton.autotune(_linear_configs(True), key=["B", "K", "N"], **_restore("out_ptr"))(_norm_linear)
+
+
+def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None, eps: float = 1e-5,
+                out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+    """x: [B, K]; w: [N, K] -> out [B, N] = (RMSNorm_g(x) if g is given else x) @ w.T, or
+    out += x @ w.T when accumulate (out float32)."""
+    B, K = x.shape
+    N = w.shape[0]
+    if out is None:
+        out = torch.empty(B, N, device=x.device, dtype=w.dtype)
+    args = (x, g if g is not None else x, w, out, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0))
+    kw = dict(NORM=g is not None, ACCUM=accumulate, BM=16)
+    if _INTERPRET or not x.is_cuda:
+        _norm_linear[(triton.cdiv(B, 16), triton.cdiv(N, 32), 2 if accumulate else 1)](
+            *args, **kw, BN=32, BK=32, SPLIT_K=2 if accumulate else 1)
+    else:
+        kern = _norm_linear_accum if accumulate else _norm_linear_store
+        kern[lambda m: (triton.cdiv(B, 16), triton.cdiv(N, m["BN"]), m["SPLIT_K"])](*args, **kw)
+    return out
+
+
+# -- 2: rotary embedding, K/V into the paged cache -------------------------------------------------
+@triton.jit
+def _rope_store(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, stride_qkv,
+                H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
+    """One program per (row, head of q, k or v): q and k rotate (rotate-half convention), q goes
+    to q_ptr [B, H, hd], k and v to their cache slot ([slots, HKV, hd] views of the pages)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, HALF)
+    src = qkv_ptr + b * stride_qkv + h * 2 * HALF
+    x1 = tl.load(src + d).to(tl.float32)
+    x2 = tl.load(src + HALF + d).to(tl.float32)
+    pos = tl.load(pos_ptr + b)
+    c = tl.load(cos_ptr + pos * 2 * HALF + d)
+    s = tl.load(sin_ptr + pos * 2 * HALF + d)
+    slot = tl.load(slot_ptr + b)
+    if h < H + HKV:
+        y1 = x1 * c - x2 * s
+        y2 = x2 * c + x1 * s
+        if h < H:
+            dst = q_ptr + (b * H + h) * 2 * HALF
+        else:
+            dst = k_ptr + (slot * HKV + (h - H)) * 2 * HALF
+    else:
+        y1, y2 = x1, x2
+        dst = v_ptr + (slot * HKV + (h - H - HKV)) * 2 * HALF
+    tl.store(dst + d, y1.to(dst.dtype.element_ty))
+    tl.store(dst + HALF + d, y2.to(dst.dtype.element_ty))
+
+
+# -- 5: RMSNorm + router + softmax + top-k ---------------------------------------------------------
+@triton.jit
+def _route(x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, K, E, eps, stride_xb,
+           EP: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr):
+    """One program per row: xn = RMSNorm(x) (stored in the weights' dtype, as the experts read it),
+    logits = xn @ wr.T in float32, softmax, the TOPK largest (ids and gates)."""
+    b = tl.program_id(0)
+    ss = tl.zeros([BK], tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        xk = tl.load(x_ptr + b * stride_xb + kk, mask=kk < K, other=0.0).to(tl.float32)
+        ss += xk * xk
+    rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+    e = tl.arange(0, EP)
+    emask = e < E
+    logits = tl.zeros([EP], tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < K
+        xk = tl.load(x_ptr + b * stride_xb + kk, mask=kmask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+        xn = (xk * rstd * g).to(xn_ptr.dtype.element_ty)
+        tl.store(xn_ptr + b * K + kk, xn, mask=kmask)
+        w = tl.load(wr_ptr + e[:, None] * K + kk[None, :], mask=emask[:, None] & kmask[None, :], other=0.0)
+        logits += tl.sum(w.to(tl.float32) * xn.to(tl.float32)[None, :], 1)
+    logits = tl.where(emask, logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, 0))
+    p = p / tl.sum(p, 0)
+    scale = 1.0
+    if RENORM:  # Mixtral: the chosen gates sum to 1
+        rest = p
+        total = 0.0
+        for j in tl.static_range(TOPK):
+            best = tl.max(rest, 0)
+            total += best
+            rest = tl.where(e == tl.min(tl.where(rest == best, e, EP), 0), -1.0, rest)
+        scale = 1.0 / total
+    for j in tl.static_range(TOPK):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, e, EP), 0)  # the lowest index among ties
+        tl.store(ids_ptr + b * TOPK + j, idx)
+        tl.store(gates_ptr + b * TOPK + j, best * scale)
+        p = tl.where(e == idx, -1.0, p)
+
+
+# -- 6/7: the chosen experts, weights [E, K, N] (row = input feature) -----------------------------
+@triton.jit
+def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, h_ptr, K, F, stride_we, TOPK: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr):
+    """Program (assignment r, block of F): h[r] = silu(xn[r // TOPK] @ w1[e]) * (xn @ w3[e]),
+    e = ids[r]; only expert e's columns are read."""
+    r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(ids_ptr + r).to(tl.int64)
+    n = pid_n * BN + tl.arange(0, BN)
+    nmask = n < F
+    acc1 = tl.zeros([BK, BN], tl.float32)
+    acc3 = tl.zeros([BK, BN], tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < K
+        x = tl.load(xn_ptr + (r // TOPK) * K + kk, mask=kmask, other=0.0).to(tl.float32)
+        off = e * stride_we + kk[:, None] * F + n[None, :]
+        m = kmask[:, None] & nmask[None, :]
+        acc1 += x[:, None] * tl.load(w1_ptr + off, mask=m, other=0.0).to(tl.float32)
+        acc3 += x[:, None] * tl.load(w3_ptr + off, mask=m, other=0.0).to(tl.float32)
+    a1 = tl.sum(acc1, 0)
+    a3 = tl.sum(acc3, 0)
+    h = a1 / (1.0 + tl.exp(-a1)) * a3
+    tl.store(h_ptr + r * F + n, h.to(h_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, out_ptr, F, D, stride_we, stride_ob,
+                 TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Program (row b, block of D, share of F): out[b] += sum_j gate[b, j] h[b, j] @ w2[ids[b, j]]."""
+    b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    n = pid_n * BN + tl.arange(0, BN)
+    nmask = n < D
+    k_per = tl.cdiv(tl.cdiv(F, SPLIT_K), BK) * BK
+    k_lo = pid_k * k_per
+    acc = tl.zeros([BK, BN], tl.float32)
+    for j in tl.static_range(TOPK):
+        r = b * TOPK + j
+        e = tl.load(ids_ptr + r).to(tl.int64)
+        gate = tl.load(gates_ptr + r)
+        for k0 in range(k_lo, tl.minimum(k_lo + k_per, F), BK):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < F
+            hk = tl.load(h_ptr + r * F + kk, mask=kmask, other=0.0).to(tl.float32) * gate
+            w = tl.load(w2_ptr + e * stride_we + kk[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
+                        other=0.0)
+            acc += hk[:, None] * w.to(tl.float32)
+    y = tl.sum(acc, 0)
+    optr = out_ptr + b * stride_ob + n
+    if SPLIT_K > 1:
+        tl.atomic_add(optr, y, mask=nmask)
+    else:
+        tl.store(optr, tl.load(optr, mask=nmask, other=0.0) + y, mask=nmask)
+
+
+def _gemv_configs(split: bool):
+    return [triton.Config({"BN": bn, "BK": bk, **({"SPLIT_K": s} if split else {})}, num_warps=4, num_stages=4)
+            for bn in (32, 64, 128) for bk in (16, 32, 64) for s in ((2, 4, 8) if split else (None,))
+            if bn * bk <= 4096]
+
+
+_expert_up_tuned = triton.autotune(_gemv_configs(False), key=["K", "F"])(_expert_up)
+_expert_down_tuned = triton.autotune(_gemv_configs(True), key=["F", "D"], **_restore("out_ptr"))(_expert_down)
+
+
+def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """xn: [B, K]; ids: [B, topk] int32; w1, w3: [E, K, F] -> h [B * topk, F]"""
+    B, K = xn.shape
+    topk, F = ids.shape[1], w1.shape[2]
+    h = torch.empty(B * topk, F, device=xn.device, dtype=w1.dtype)
+    args = (xn, ids, w1, w3, h, K, F, w1.stride(0))
+    if _INTERPRET or not xn.is_cuda:
+        _expert_up[(B * topk, triton.cdiv(F, 32))](*args, TOPK=topk, BN=32, BK=32)
+    else:
+        _expert_up_tuned[lambda m: (B * topk, triton.cdiv(F, m["BN"]))](*args, TOPK=topk)
+    return h
+
+
+def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> None:
+    """h: [B * topk, F]; ids, gates: [B, topk]; w2: [E, F, D]; out [B, D] float32 += the gated sum."""
+    B, topk = ids.shape
+    F, D = w2.shape[1], w2.shape[2]
+    args = (h, ids, gates, w2, out, F, D, w2.stride(0), out.stride(0))
+    if _INTERPRET or not h.is_cuda:
+        _expert_down[(B, triton.cdiv(D, 32), 2)](*args, TOPK=topk, BN=32, BK=32, SPLIT_K=2)
+    else:
+        _expert_down_tuned[lambda m: (B, triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args, TOPK=topk)
+
+
+# -- the decode step -------------------------------------------------------------------------------
+def unsupported_reason(model) -> str | None:
+    """Why the fused step cannot run this model (None when it can)."""
+    cfg = model.cfg
+    if cfg.qk_norm or cfg.attn_bias:
+        return "QK-norm and attention biases are not fused"
+    if cfg.shared_expert_ffn:
+        return "shared experts are not fused"
+    if not all(b.is_moe for b in model.blocks):
+        return "dense feed-forward layers are not fused"
+    if cfg.hd % 2 or cfg.hd & (cfg.hd - 1):
+        return "head dimension must be a power of two"
+    return None
+
+
+class FusedDecoder:
+    """The decode step of a Transformer over a paged KV cache, in the kernels above.
+
+    Construction fuses each layer's wq, wk, wv into one [H*hd + 2*Hkv*hd, d] weight and points the
+    modules' weights at views of it (no extra memory); the model still runs as before."""
+
+    def __init__(self, model, kv_k: torch.Tensor, kv_v: torch.Tensor):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"fused decode: {reason}")
+        self.model, self.cfg = model, model.cfg
+        self.kv_k, self.kv_v = kv_k, kv_v  # [n_layers, num_blocks, block, Hkv, hd]
+        self.wqkv = []
+        with torch.no_grad():
+            for blk in model.blocks:
+                a = blk.attn
+                w = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])  # [(H + 2 Hkv) hd, d]
+                nq, nk = a.wq.weight.shape[0], a.wk.weight.shape[0]
+                a.wq.weight.data, a.wk.weight.data, a.wv.weight.data = w[:nq], w[nq:nq + nk], w[nq + nk:]
+                self.wqkv.append(w)
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                 lens: torch.Tensor) -> torch.Tensor:
+        """ids, pos, slots: [B]; tables: [B, max_blocks] int32; lens: [B] int32 -> logits [B, vocab] float32."""
+        m, c = self.model, self.cfg
+        B = ids.shape[0]
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.hd
+        x = m.embed.weight[ids].float()  # [B, d] residual stream
+        cos, sin = m.rope_cos, m.rope_sin  # [max_len, hd]
+        q = torch.empty(B, H, hd, device=x.device, dtype=self.kv_k.dtype)
+        ids32 = torch.empty(B, c.top_k, device=x.device, dtype=torch.int32)
+        gates = torch.empty(B, c.top_k, device=x.device, dtype=torch.float32)
+        xn = torch.empty(B, c.d_model, device=x.device, dtype=m.embed.weight.dtype)
+        for i, blk in enumerate(m.blocks):
+            qkv = norm_linear(x, self.wqkv[i], blk.attn_norm.weight, blk.attn_norm.eps)  # [B, (H + 2 Hkv) hd]
+            kc, vc = self.kv_k[i], self.kv_v[i]
+            _rope_store[(B, H + 2 * Hkv)](qkv, pos, cos, sin, slots, q, kc, vc, qkv.stride(0),
+                                          H=H, HKV=Hkv, HALF=hd // 2)
+            y = paged_decode_triton(q, kc, vc, tables, lens)  # [B, H, hd]
+            norm_linear(y.view(B, H * hd), blk.attn.wo.weight, out=x, accumulate=True)
+            moe = blk.ffn
+            E = c.n_experts
+            _route[(B,)](x, blk.ffn_norm.weight, moe.router.weight, xn, ids32, gates, c.d_model, E,
+                         blk.ffn_norm.eps, x.stride(0), EP=max(2, triton.next_power_of_2(E)),
+                         BK=min(1024, triton.next_power_of_2(c.d_model)), TOPK=c.top_k, RENORM=c.renorm_gates)
+            h = expert_up(xn, ids32, moe.experts.w1, moe.experts.w3)  # [B * k, f]
+            expert_down(h, ids32, gates, moe.experts.w2, x)
+        return norm_linear(x, m.lm_head.weight, m.norm.weight, m.norm.eps,
+                           out=torch.empty(B, c.vocab_size, device=x.device, dtype=torch.float32))

@@ -1,0 +1,97 @@
+"""The fused Triton decode step against the plain model forward over the same paged KV cache.
+
+The kernels run in Triton's interpreter on CPU (TRITON_INTERPRET=1, float32), so the numbers
+checked here are the kernels' own arithmetic: logits of a decode step for a batch of requests at
+different context lengths, and the K/V the step writes into the cache.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
+pytest.importorskip("triton", reason="the fused decode kernels are Triton kernels")
+
+from moekit.config import ModelConfig  # noqa: E402
+from moekit.infer.fused_decode import FusedDecoder, norm_linear, unsupported_reason  # noqa: E402
+from moekit.infer.kv_cache import PagedKVCache  # noqa: E402
+from moekit.infer.runner import ModelRunner  # noqa: E402
+from moekit.model.transformer import build_model  # noqa: E402
+
+BS = 4
+# the interpreter reads its scalars from 1-element arrays, which numpy deprecates
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+
+def _model(**kw):
+    base = dict(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=96, n_experts=4, top_k=2,
+                max_seq_len=64, init_std=0.2)
+    base.update(kw)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**base))
+    model.init_weights(seed=0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_heads=2, top_k=1), dict(n_experts=6, top_k=3, renorm_gates=False)])
+def test_fused_step_matches_model(kw):
+    model = _model(**kw)
+    kv = PagedKVCache(model.cfg, num_blocks=40, block_size=BS, device="cpu", dtype=torch.float32)
+    runner = ModelRunner(model, kv, max_model_len=64, max_num_seqs=8, cuda_graphs=False)
+    g = torch.Generator().manual_seed(1)
+    lens = [5, 1, 12, 8]
+    reqs, nxt = [], 1
+    for L in lens:  # prefill through the model path
+        r = SimpleNamespace(blocks=list(range(nxt, nxt + 4)))
+        nxt += 4
+        runner.forward_chunks([(r, 0, torch.randint(0, 80, (L,), generator=g).tolist())])
+        reqs.append(r)
+    toks = torch.randint(0, 80, (len(lens),), generator=g)
+    k0, v0 = kv.k.clone(), kv.v.clone()
+    ref = runner.forward_chunks([(r, L, [int(t)]) for r, L, t in zip(reqs, lens, toks)])  # [B, vocab]
+    k_ref, v_ref = kv.k.clone(), kv.v.clone()
+    kv.k.copy_(k0)
+    kv.v.copy_(v0)
+
+    fused = FusedDecoder(model, kv.k, kv.v)
+    tables = torch.zeros(len(lens), runner.max_blocks, dtype=torch.int32)
+    for i, r in enumerate(reqs):
+        tables[i, :len(r.blocks)] = torch.tensor(r.blocks)
+    out = fused(toks, torch.tensor(lens), torch.tensor([r.blocks[L // BS] * BS + L % BS for r, L in zip(reqs, lens)]),
+                tables, torch.tensor(lens, dtype=torch.int32) + 1)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kv.k, k_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kv.v, v_ref, rtol=1e-5, atol=1e-5)
+    # the fused QKV weight is shared with the modules: the model path still gives the same logits
+    kv.k.copy_(k0)
+    kv.v.copy_(v0)
+    again = runner.forward_chunks([(r, L, [int(t)]) for r, L, t in zip(reqs, lens, toks)])
+    torch.testing.assert_close(again, ref, rtol=0, atol=0)
+
+
+def test_norm_linear_against_float64():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 70, generator=g)
+    w = torch.randn(50, 70, generator=g)
+    gamma = torch.rand(70, generator=g) + 0.5
+    xd = x.double()
+    normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
+    torch.testing.assert_close(norm_linear(x, w, gamma).double(), normed @ w.double().T, rtol=1e-4, atol=1e-4)
+    acc = torch.randn(3, 50, generator=g)
+    expect = acc.double() + xd @ w.double().T
+    norm_linear(x, w, out=acc, accumulate=True)  # split over K: the partial sums are added atomically
+    torch.testing.assert_close(acc.double(), expect, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_models_are_named():
+    assert unsupported_reason(_model()) is None
+    assert "shared" in unsupported_reason(_model(shared_expert_ffn=32))
+    assert "QK-norm" in unsupported_reason(_model(qk_norm=True))
+    assert "dense" in unsupported_reason(_model(n_experts=1, top_k=1))
+    with pytest.raises(ValueError, match="fused decode"):
+        FusedDecoder(_model(qk_norm=True), None, None)
