@@ -85,9 +85,9 @@ def check_fused_step(cfg) -> dict:
         model = build_model(small, "cuda").eval()
         model.load_state_dict(base.state_dict())
         model = model.to(dtype)
-        kv = PagedKVCache(small, 64, 16, "cuda", dtype)
+        kv = PagedKVCache(small, 1 + 20 * len(lens), 16, "cuda", dtype)
         runner = ModelRunner(model, kv, 1024, 8, cuda_graphs=False, fused=False)
-        reqs = [SimpleNamespace(blocks=list(range(1 + 12 * i, 13 + 12 * i))) for i in range(len(lens))]
+        reqs = [SimpleNamespace(blocks=list(range(1 + 20 * i, 21 + 20 * i))) for i in range(len(lens))]
         for r, p in zip(reqs, prompts):
             runner.forward_chunks([(r, 0, p)])
         if name == "fused":

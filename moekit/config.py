@@ -133,6 +133,9 @@ class TrainConfig:
     ep: int = 1  # expert-parallel ranks
     tp: int = 1  # tensor-parallel ranks (DTensor)
     pp: int = 1  # pipeline stages (torch.distributed.pipelining)
+    pp_schedule: str = "1f1b"  # 1f1b | gpipe
+    pp_microbatches: int = 0  # pipeline micro-batches per micro_batch; 0 -> pp (must divide micro_batch)
+    ckpt_format: str = "full"  # full (gathered safetensors) | dcp (each rank writes its shard)
     distill_from: str = ""  # train against this model's logits (a draft for speculative decoding)
     distill_alpha: float = 1.0  # weight of the distillation KL; 1 - alpha stays on the data's tokens
     distill_temperature: float = 1.0
@@ -152,6 +155,13 @@ class TrainConfig:
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             raise ConfigError("need 0 <= distill_alpha <= 1 and distill_temperature > 0")
+        if self.pp_schedule not in ("1f1b", "gpipe"):
+            raise ConfigError(f"pp_schedule must be 1f1b or gpipe, got {self.pp_schedule!r}")
+        if self.ckpt_format not in ("full", "dcp"):
+            raise ConfigError(f"ckpt_format must be full or dcp, got {self.ckpt_format!r}")
+        if self.pp_microbatches < 0 or (self.pp > 1 and self.micro_batch % (self.pp_microbatches or self.pp)):
+            raise ConfigError(f"pp_microbatches ({self.pp_microbatches or self.pp}) must divide micro_batch "
+                              f"({self.micro_batch})")
         if self.batch_tokens and self.batch_tokens < self.seq_len:
             raise ConfigError(f"batch_tokens ({self.batch_tokens}) must be >= seq_len ({self.seq_len})")
         return self

@@ -63,13 +63,14 @@ class Attention(nn.Module):
         q, k = self.wq(x), self.wk(x)  # [B, T, H * hd], [B, T, Hkv * hd]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
-        k = k.view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        # head counts come from the projections: under tensor parallelism a rank holds some of the heads
+        q = q.view(B, T, -1, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, -1, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.wv(x).view(B, T, -1, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             y = cache.attend(q, k, v)  # [B, H, T, hd]
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # [B, T, H * hd]
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        y = y.transpose(1, 2).reshape(B, T, q.shape[1] * self.hd)  # [B, T, H * hd]
         return self.wo(y)

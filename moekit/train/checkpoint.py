@@ -7,6 +7,11 @@
         state.pt            optimizer, step, data cursor, RNG (loaded with weights_only=True)
         manifest.json       sha256 of every file above, written last
 
+A sharded checkpoint (train.ckpt_format = "dcp") holds dcp/ (torch.distributed.checkpoint: each
+rank's shard of the weights and optimizer state, and .metadata) instead of model.safetensors, and
+state.pt without the optimizer. It loads at any layout, and `read_weights` reads its full weights
+in one process.
+
 A folder without a manifest, or whose files do not match it, is never loaded as valid; a crash
 before the rename leaves only a `.tmp-*` folder, which is ignored.
 """
@@ -30,6 +35,8 @@ from moekit.data.tokenizer import Tokenizer
 from moekit.errors import CheckpointError, ConfigError
 
 FILES = ("model.safetensors", "config.toml", "tokenizer.json", "state.pt")
+SHARDED_FILES = ("dcp/.metadata", "config.toml", "tokenizer.json", "state.pt")
+DCP_DIR = "dcp"
 _CKPT = re.compile(r"^ckpt-(\d+)$")
 
 
@@ -57,27 +64,44 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """A fresh temp folder for step's checkpoint (one writer per run: stale ones are removed)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".tmp-ckpt-*"):  # left by a writer that crashed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = run_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: RunConfig,
                     tokenizer: Tokenizer, state: dict, keep_last: int = 0,
                     weights: dict[str, torch.Tensor] | None = None) -> Path:
     """weights: a full state dict gathered beforehand (sharded models); else model's own."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"ckpt-{step:07d}"
-    for stale in run_dir.glob(".tmp-ckpt-*"):  # left by a writer that crashed; one writer per run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = run_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
-    tmp.mkdir()
+    tmp = begin_checkpoint(run_dir, step)
     if weights is not None and getattr(model.cfg, "tie_embeddings", False):
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
     sd = model_state(model) if weights is None else {k: v.contiguous().cpu() for k, v in weights.items()}
     save_file(sd, str(tmp / "model.safetensors"))
+    return finish_checkpoint(tmp, run_dir, step, cfg, tokenizer, state, keep_last)
+
+
+def finish_checkpoint(tmp: Path, run_dir: Path, step: int, cfg: RunConfig, tokenizer: Tokenizer,
+                      state: dict, keep_last: int = 0) -> Path:
+    """Add config, tokenizer and state to the weights in `tmp`, hash every file into the manifest,
+    then rename the folder into place."""
+    final = run_dir / f"ckpt-{step:07d}"
     (tmp / "config.toml").write_text(to_toml({"model": cfg.model, "train": cfg.train, "data": cfg.data}))
     tokenizer.save(tmp / "tokenizer.json")
     torch.save(state, tmp / "state.pt")
-    manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in FILES}}
+    names = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+    fmt = "dcp" if (tmp / DCP_DIR).is_dir() else "full"
+    manifest = {"step": step, "format": fmt, "files": {name: _sha256(tmp / name) for name in names}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    for name in (*FILES, "manifest.json"):
+    for name in (*names, "manifest.json"):
         _fsync(tmp / name)
+    if fmt == "dcp":
+        _fsync(tmp / DCP_DIR)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -121,12 +145,29 @@ def verify(ckpt: Path) -> dict:
             raise TypeError
     except (json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{mpath} is corrupted") from None
-    for name in FILES:
+    required = SHARDED_FILES if manifest.get("format") == "dcp" else FILES
+    for name in dict.fromkeys((*required, *files)):
         if not (ckpt / name).is_file():
             raise CheckpointError(f"{ckpt} is incomplete: {name} is missing")
         if _sha256(ckpt / name) != files.get(name):
             raise CheckpointError(f"{ckpt / name} is corrupted: its checksum does not match the manifest")
     return manifest
+
+
+def is_sharded(ckpt: Path) -> bool:
+    return (ckpt / DCP_DIR).is_dir() and not (ckpt / "model.safetensors").exists()
+
+
+def read_weights(ckpt: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The full weights of a checkpoint of either format, in this process."""
+    try:
+        if is_sharded(ckpt):
+            from moekit.parallel.sharded_checkpoint import read_model_weights
+
+            return {k: v.to(device) for k, v in read_model_weights(ckpt / DCP_DIR).items()}
+        return load_file(str(ckpt / "model.safetensors"), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read the weights of {ckpt}: {e}") from None
 
 
 def load_run_config(ckpt: Path) -> RunConfig:
@@ -137,10 +178,9 @@ def load_run_config(ckpt: Path) -> RunConfig:
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    try:
-        sd = load_file(str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {ckpt / 'model.safetensors'}: {e}") from None
+    sd = read_weights(ckpt, str(next(model.parameters()).device))
+    if getattr(model.cfg, "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
     expected = model_state(model)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))

@@ -77,8 +77,14 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
         self.model: Transformer = build_model(cfg.model, device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.ep_group = None
-        if dist_ctx is not None and dist_ctx.dims.ep > 1:
+        self.ep_group = self.pipe = None
+        if dist_ctx is not None and dist_ctx.dims.pp > 1:
+            from moekit.parallel.pipeline import build_pipeline
+
+            self.pipe = build_pipeline(self.model, dist_ctx.mesh, device, cfg.train.pp_schedule,
+                                       cfg.train.pp_microbatches, bf16=device.type == "cuda")
+            self.model = self.pipe.module  # this rank's stage; parameter names as in the plain model
+        elif dist_ctx is not None and dist_ctx.dims.ep > 1:
             from moekit.parallel.expert_parallel import apply_expert_parallel
 
             self.ep_group = dist_ctx.mesh.get_group("ep")
@@ -102,12 +108,12 @@ class Trainer:
     def is_main(self) -> bool:
         return self.dist is None or self.dist.is_main
 
-    def state(self) -> dict:
-        from moekit.parallel.runtime import full_optimizer_state
-
-        # optimizer state keyed by parameter name, whole tensors: loads at any data-parallel layout
-        st = {"step": self.step, "optimizer": full_optimizer_state(self.model, self.opt),
-              "data": self.data.mixture.state_dict(), "rng_cpu": torch.get_rng_state()}
+    def state(self, optimizer: dict | None = None) -> dict:
+        """Step, data cursor and RNG; and the optimizer state of full checkpoints, keyed by
+        parameter name with whole tensors, which loads at any layout."""
+        st = {"step": self.step, "data": self.data.mixture.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if optimizer is not None:
+            st["optimizer"] = optimizer
         if self.device.type == "cuda":
             st["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return st
@@ -116,11 +122,22 @@ class Trainer:
         from moekit.parallel.runtime import load_full_state
 
         st = ckpt_io.load_state(ckpt)
-        if self.dist is None:
+        sharded = ckpt_io.is_sharded(ckpt)
+        if self.dist is None and not sharded:
             ckpt_io.load_weights(self.model, ckpt)  # checks names and shapes, then loads
         try:
-            weights = load_file(str(ckpt / "model.safetensors")) if self.dist is not None else None
-            load_full_state(self.model, self.opt, weights, st["optimizer"])
+            if sharded:  # torch.distributed.checkpoint reshards to this run's layout
+                from moekit.parallel.sharded_checkpoint import load_sharded
+
+                load_sharded(self.model, self.opt, ckpt / ckpt_io.DCP_DIR, self._ep_mesh())
+            else:
+                weights = load_file(str(ckpt / "model.safetensors")) if self.dist is not None else None
+                osd = st["optimizer"]
+                if self.pipe is not None:  # this stage's share of the full state
+                    from moekit.parallel.pipeline import stage_subset
+
+                    weights, osd = stage_subset(self.model, weights, osd)
+                load_full_state(self.model, self.opt, weights, osd)
             self.data.mixture.load_state_dict(st["data"])
             torch.set_rng_state(st["rng_cpu"])
             if "rng_cuda" in st and self.device.type == "cuda":
@@ -129,15 +146,43 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{ckpt / 'state.pt'} does not match this run: {e}") from None
 
-    def save(self) -> Path | None:
-        from moekit.parallel.runtime import full_model_state
+    def _ep_mesh(self):
+        return self.dist.mesh["ep"] if self.ep_group is not None else None
 
-        weights = full_model_state(self.model) if self.dist is not None else None  # collective
-        state = self.state()  # collective under FSDP
+    def save(self) -> Path | None:
+        from moekit.parallel.runtime import full_model_state, full_optimizer_state
+
+        if self.cfg.train.ckpt_format == "dcp":
+            return self._save_sharded()
+        if self.pipe is not None:  # every stage's share, gathered on rank 0
+            from moekit.parallel.pipeline import gather_full_state
+
+            weights, osd = gather_full_state(self.pipe, self.opt)
+        else:
+            weights = full_model_state(self.model) if self.dist is not None else None  # collective
+            osd = full_optimizer_state(self.model, self.opt)  # collective under FSDP
+        state = self.state(osd)
         path = None
         if self.is_main:
             path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.cfg, self.data.tokenizer,
                                            state, self.cfg.train.keep_last, weights=weights)
+        if self.dist is not None:
+            torch.distributed.barrier()
+        return path
+
+    def _save_sharded(self) -> Path | None:
+        """torch.distributed.checkpoint: each rank writes its shard into the temp folder that rank 0
+        made; rank 0 then adds config, tokenizer and state, the manifest, and renames it."""
+        from moekit.parallel.sharded_checkpoint import save_sharded
+
+        tmp = [ckpt_io.begin_checkpoint(self.run_dir, self.step) if self.is_main else None]
+        if self.dist is not None:
+            torch.distributed.broadcast_object_list(tmp, src=0)
+        save_sharded(self.model, self.opt, tmp[0] / ckpt_io.DCP_DIR, self._ep_mesh())  # collective
+        path = None
+        if self.is_main:
+            path = ckpt_io.finish_checkpoint(tmp[0], self.run_dir, self.step, self.cfg, self.data.tokenizer,
+                                             self.state(), self.cfg.train.keep_last)
         if self.dist is not None:
             torch.distributed.barrier()
         return path
@@ -149,6 +194,8 @@ class Trainer:
             g["lr"] = lr_at(self.step, tc)
         accum = batch_tokens_at(self.step, tc) // (tc.micro_batch * tc.seq_len)
         self.model.train()
+        if self.pipe is not None:
+            return self._pipeline_step(accum)
         ce = bal = z = dropped = distill = torch.zeros((), device=self.device)
         load = None
         world, rank = (self.dist.world, self.dist.rank) if self.dist else (1, 0)
@@ -198,9 +245,41 @@ class Trainer:
         return StepResult(loss, bal.item(), z.item(), grad_norm.item(),
                           load.tolist() if load is not None else [], dropped.item(), distill.item())
 
+    def _pipeline_step(self, accum: int) -> StepResult:
+        """One optimizer step through the pipeline stages: the last stage computes the loss; the
+        logged means reach every rank; the gradient norm is clipped over all stages."""
+        from moekit.parallel import pipeline
+
+        tc = self.cfg.train
+        replicas, replica = self.dist.dims.dp, self.dist.mesh["dp"].get_local_rank()
+        batches = []
+        for _ in range(accum):  # every rank reads the same stream; a data-parallel replica keeps its slice
+            x, y = self.data.mixture.next_batch(tc.micro_batch * replicas, tc.seq_len)  # [dp*B, T]
+            rows = slice(replica * tc.micro_batch, (replica + 1) * tc.micro_batch)
+            batches.append((x[rows].to(self.device), y[rows].to(self.device)))
+        r = pipeline.train_step(self.pipe, batches, lambda: autocast_for(self.device, tc.dtype))
+        grad_norm = pipeline.clip_grad_norm(self.pipe, tc.grad_clip)
+        loss = r.ce.item()
+        if not math.isfinite(loss) or not math.isfinite(grad_norm.item()):
+            ckpts = ckpt_io.list_checkpoints(self.run_dir)
+            raise TrainingError(f"loss became {loss} (grad norm {grad_norm.item()}) at step {self.step}; "
+                                f"stopped without saving; last good checkpoint: {ckpts[-1] if ckpts else 'none'}")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        moe = self.model.n_moe > 0
+        return StepResult(loss, r.balance.item(), r.z.item(), grad_norm.item(),
+                          r.load.tolist() if moe else [], r.dropped.item())
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         tc = self.cfg.train
+        if self.pipe is not None:
+            from moekit.parallel.pipeline import evaluate_ce
+
+            return {f"val/{name}": evaluate_ce(self.pipe, seqs, tc.micro_batch, self.device,
+                                               lambda: autocast_for(self.device, tc.dtype))
+                    for name, seqs in self.data.val.items()}
         self.model.eval()
         out = {}
         for name, seqs in self.data.val.items():  # [n, seq_len + 1]
@@ -307,6 +386,8 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
             sizes = ", ".join(f"{k}: {v['train_docs']} docs / {v['train_tokens']:,} tokens" for k, v in data.stats.items())
             n = sum(p.numel() for p in build_model(cfg.model, "meta").parameters())
             where = str(device) if ctx is None else f"{ctx.world} ranks ({'EP' if ctx.dims.ep > 1 else 'FSDP'})"
+            if ctx is not None and ctx.dims.pp > 1:
+                where = f"{ctx.world} ranks ({ctx.dims.pp} pipeline stages, {cfg.train.pp_schedule}, dp {ctx.dims.dp})"
             print(f"run {run_dir}: {n / 1e6:.2f}M parameters on {where}; corpus {sizes}")
         try:
             trainer.fit(logger, progress)
