@@ -40,7 +40,7 @@ def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, context_lens, max_context: int = 0):
-    if q.is_cuda:
+    if q.is_cuda and q.dtype != torch.float64:  # the kernel accumulates in float32
         from moekit.infer.triton_paged import paged_decode_triton
 
         return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens)
