@@ -159,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"pp_schedule must be 1f1b or gpipe, got {self.pp_schedule!r}")
         if self.ckpt_format not in ("full", "dcp"):
             raise ConfigError(f"ckpt_format must be full or dcp, got {self.ckpt_format!r}")
+        if self.ckpt_format == "dcp" and self.ep > 1 and self.dp > 1:
+            raise ConfigError("ckpt_format dcp does not cover --ep combined with --dp yet; use ckpt_format full")
         if self.pp_microbatches < 0 or (self.pp > 1 and self.micro_batch % (self.pp_microbatches or self.pp)):
             raise ConfigError(f"pp_microbatches ({self.pp_microbatches or self.pp}) must divide micro_batch "
                               f"({self.micro_batch})")

@@ -39,9 +39,10 @@ def _restore(*names):
 def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob,
                  NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM. All rows of a
-    BM block share each weight tile (tl.dot on rows padded to BM). ACCUM adds into out (atomically
-    when the K range is split over programs); otherwise out is overwritten."""
+    """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM (which needs the
+    whole K range in one program). All rows of a BM block share each weight tile (tl.dot on rows
+    padded to BM). ACCUM adds into out (atomically when K is split over programs); otherwise out
+    is overwritten."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -49,28 +50,23 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_w
     rmask = rows < B
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < N
-    if NORM:
-        ss = tl.zeros([BM], tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            xk = tl.load(x_ptr + rows[:, None] * stride_xb + kk[None, :],
-                         mask=rmask[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-            ss += tl.sum(xk * xk, 1)
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
     acc = tl.zeros([BM, BN], tl.float32)
+    ss = tl.zeros([BM], tl.float32)
     for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
         xk = tl.load(x_ptr + rows[:, None] * stride_xb + kk[None, :], mask=rmask[:, None] & kmask[None, :],
                      other=0.0).to(tl.float32)
-        if NORM:
-            g = tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-            xk = xk * rstd[:, None] * g[None, :]
+        if NORM:  # RMSNorm(x) g @ w = rstd * ((x g) @ w): one pass, rstd applied at the end
+            ss += tl.sum(xk * xk, 1)
+            xk = xk * tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
         w = tl.load(w_ptr + n[None, :] * stride_wn + kk[:, None], mask=kmask[:, None] & nmask[None, :],
                     other=0.0)  # [BK, BN]
         acc += tl.dot(xk.to(w.dtype), w, out_dtype=tl.float32)
+    if NORM:
+        acc = acc / tl.sqrt(ss / K + eps)[:, None]
     optr = out_ptr + rows[:, None] * stride_ob + n[None, :]
     omask = rmask[:, None] & nmask[None, :]
     if ACCUM:
@@ -85,8 +81,8 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_w
 def _linear_configs(split: bool):
     cfgs = []
     for bn in (16, 32, 64):
-        for bk in (128, 256):
-            for splits in ((1, 4, 8) if split else (1,)):
+        for bk in (64, 128, 256):
+            for splits in ((2, 4, 8) if split else (1,)):
                 cfgs.append(triton.Config({"BN": bn, "BK": bk, "SPLIT_K": splits}, num_warps=4, num_stages=4))
     return cfgs
 
@@ -191,18 +187,21 @@ def _route(x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, K, E, eps, stride_x
 
 # -- 6/7: the chosen experts, weights [E, K, N] (row = input feature) -----------------------------
 @triton.jit
-def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, h_ptr, K, F, stride_we, TOPK: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr):
-    """Program (assignment r, block of F): h[r] = silu(xn[r // TOPK] @ w1[e]) * (xn @ w3[e]),
-    e = ids[r]; only expert e's columns are read."""
+def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, R, K, F, stride_we, TOPK: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Program (assignment r, block of F, share of K): partial sums of xn[r // TOPK] @ w1[e] and
+    @ w3[e], e = ids[r], into part [SPLIT_K, 2, R, F]; only expert e's weights are read."""
     r = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     e = tl.load(ids_ptr + r).to(tl.int64)
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < F
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
+    k_lo = pid_k * k_per
     acc1 = tl.zeros([BK, BN], tl.float32)
     acc3 = tl.zeros([BK, BN], tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
         x = tl.load(xn_ptr + (r // TOPK) * K + kk, mask=kmask, other=0.0).to(tl.float32)
@@ -210,63 +209,73 @@ def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, h_ptr, K, F, stride_we, TOPK: tl
         m = kmask[:, None] & nmask[None, :]
         acc1 += x[:, None] * tl.load(w1_ptr + off, mask=m, other=0.0).to(tl.float32)
         acc3 += x[:, None] * tl.load(w3_ptr + off, mask=m, other=0.0).to(tl.float32)
-    a1 = tl.sum(acc1, 0)
-    a3 = tl.sum(acc3, 0)
-    h = a1 / (1.0 + tl.exp(-a1)) * a3
-    tl.store(h_ptr + r * F + n, h.to(h_ptr.dtype.element_ty), mask=nmask)
+    base = part_ptr + (pid_k * 2 * R + r) * F + n
+    tl.store(base, tl.sum(acc1, 0), mask=nmask)
+    tl.store(base + R * F, tl.sum(acc3, 0), mask=nmask)
+
+
+@triton.jit
+def _silu_mul(part_ptr, h_ptr, RF, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """h = silu(a1) * a3, a1 and a3 summed over the K shares of _expert_up."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < RF
+    a1 = tl.zeros([BLOCK], tl.float32)
+    a3 = tl.zeros([BLOCK], tl.float32)
+    for sk in tl.static_range(SPLIT_K):
+        a1 += tl.load(part_ptr + sk * 2 * RF + i, mask=mask, other=0.0)
+        a3 += tl.load(part_ptr + (sk * 2 + 1) * RF + i, mask=mask, other=0.0)
+    tl.store(h_ptr + i, (a1 / (1.0 + tl.exp(-a1)) * a3).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, out_ptr, F, D, stride_we, stride_ob,
                  TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Program (row b, block of D, share of F): out[b] += sum_j gate[b, j] h[b, j] @ w2[ids[b, j]]."""
-    b = tl.program_id(0)
+    """Program (assignment r, block of D, share of F): out[r // TOPK] += gate[r] h[r] @ w2[ids[r]],
+    added atomically (the K/F shares and the TOPK assignments of a row meet in out)."""
+    r = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < D
     k_per = tl.cdiv(tl.cdiv(F, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
+    e = tl.load(ids_ptr + r).to(tl.int64)
     acc = tl.zeros([BK, BN], tl.float32)
-    for j in tl.static_range(TOPK):
-        r = b * TOPK + j
-        e = tl.load(ids_ptr + r).to(tl.int64)
-        gate = tl.load(gates_ptr + r)
-        for k0 in range(k_lo, tl.minimum(k_lo + k_per, F), BK):
-            kk = k0 + tl.arange(0, BK)
-            kmask = kk < F
-            hk = tl.load(h_ptr + r * F + kk, mask=kmask, other=0.0).to(tl.float32) * gate
-            w = tl.load(w2_ptr + e * stride_we + kk[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
-                        other=0.0)
-            acc += hk[:, None] * w.to(tl.float32)
-    y = tl.sum(acc, 0)
-    optr = out_ptr + b * stride_ob + n
-    if SPLIT_K > 1:
-        tl.atomic_add(optr, y, mask=nmask)
-    else:
-        tl.store(optr, tl.load(optr, mask=nmask, other=0.0) + y, mask=nmask)
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per, F), BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < F
+        hk = tl.load(h_ptr + r * F + kk, mask=kmask, other=0.0).to(tl.float32)
+        w = tl.load(w2_ptr + e * stride_we + kk[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
+                    other=0.0)
+        acc += hk[:, None] * w.to(tl.float32)
+    y = tl.sum(acc, 0) * tl.load(gates_ptr + r)
+    tl.atomic_add(out_ptr + (r // TOPK) * stride_ob + n, y, mask=nmask)
 
 
-def _gemv_configs(split: bool):
-    return [triton.Config({"BN": bn, "BK": bk, **({"SPLIT_K": s} if split else {})}, num_warps=4, num_stages=4)
-            for bn in (32, 64, 128) for bk in (16, 32, 64) for s in ((2, 4, 8) if split else (None,))
-            if bn * bk <= 4096]
+def _gemv_configs():
+    return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": s}, num_warps=4, num_stages=4)
+            for bn in (64, 128) for bk in (16, 32, 64) for s in (2, 4, 8, 16) if bn * bk <= 4096]
 
 
-_expert_up_tuned = triton.autotune(_gemv_configs(False), key=["K", "F"])(_expert_up)
-_expert_down_tuned = triton.autotune(_gemv_configs(True), key=["F", "D"], **_restore("out_ptr"))(_expert_down)
+_expert_up_tuned = triton.autotune(_gemv_configs(), key=["R", "K", "F"])(_expert_up)
+_expert_down_tuned = triton.autotune(_gemv_configs(), key=["F", "D"], **_restore("out_ptr"))(_expert_down)
 
 
 def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """xn: [B, K]; ids: [B, topk] int32; w1, w3: [E, K, F] -> h [B * topk, F]"""
+    """xn: [B, K]; ids: [B, topk] int32; w1, w3: [E, K, F] -> h [B * topk, F] = silu(x w1) * (x w3)."""
     B, K = xn.shape
     topk, F = ids.shape[1], w1.shape[2]
-    h = torch.empty(B * topk, F, device=xn.device, dtype=w1.dtype)
-    args = (xn, ids, w1, w3, h, K, F, w1.stride(0))
+    R = B * topk
+    part = torch.empty(16, 2, R, F, device=xn.device, dtype=torch.float32)  # room for the largest K split
+    args = (xn, ids, w1, w3, part, R, K, F, w1.stride(0))
     if _INTERPRET or not xn.is_cuda:
-        _expert_up[(B * topk, triton.cdiv(F, 32))](*args, TOPK=topk, BN=32, BK=32)
+        splits = 2
+        _expert_up[(R, triton.cdiv(F, 32), splits)](*args, TOPK=topk, BN=32, BK=32, SPLIT_K=splits)
     else:
-        _expert_up_tuned[lambda m: (B * topk, triton.cdiv(F, m["BN"]))](*args, TOPK=topk)
+        _expert_up_tuned[lambda m: (R, triton.cdiv(F, m["BN"]), m["SPLIT_K"])](*args, TOPK=topk)
+        splits = _expert_up_tuned.best_config.kwargs["SPLIT_K"]
+    h = torch.empty(R, F, device=xn.device, dtype=w1.dtype)
+    _silu_mul[(triton.cdiv(R * F, 1024),)](part, h, R * F, SPLIT_K=splits, BLOCK=1024)
     return h
 
 
@@ -276,9 +285,9 @@ def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: tor
     F, D = w2.shape[1], w2.shape[2]
     args = (h, ids, gates, w2, out, F, D, w2.stride(0), out.stride(0))
     if _INTERPRET or not h.is_cuda:
-        _expert_down[(B, triton.cdiv(D, 32), 2)](*args, TOPK=topk, BN=32, BK=32, SPLIT_K=2)
+        _expert_down[(B * topk, triton.cdiv(D, 32), 2)](*args, TOPK=topk, BN=32, BK=32, SPLIT_K=2)
     else:
-        _expert_down_tuned[lambda m: (B, triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args, TOPK=topk)
+        _expert_down_tuned[lambda m: (B * topk, triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args, TOPK=topk)
 
 
 # -- the decode step -------------------------------------------------------------------------------
@@ -340,7 +349,8 @@ class FusedDecoder:
             E = c.n_experts
             _route[(B,)](x, blk.ffn_norm.weight, moe.router.weight, xn, ids32, gates, c.d_model, E,
                          blk.ffn_norm.eps, x.stride(0), EP=max(2, triton.next_power_of_2(E)),
-                         BK=min(1024, triton.next_power_of_2(c.d_model)), TOPK=c.top_k, RENORM=c.renorm_gates)
+                         BK=min(8192, triton.next_power_of_2(c.d_model)), TOPK=c.top_k, RENORM=c.renorm_gates,
+                         num_warps=8)
             h = expert_up(xn, ids32, moe.experts.w1, moe.experts.w3)  # [B * k, f]
             expert_down(h, ids32, gates, moe.experts.w2, x)
         return norm_linear(x, m.lm_head.weight, m.norm.weight, m.norm.eps,

@@ -141,20 +141,19 @@ class ModelRunner:
         if b not in self.graphs:
             self.capture_graph(b)
         g, buf = self.graphs[b]
-        ids = torch.zeros(b, dtype=torch.long)
-        pos = torch.zeros(b, dtype=torch.long)
-        slots = torch.zeros(b, dtype=torch.long)
-        tables = torch.zeros(b, self.max_blocks, dtype=torch.int32)
-        lens = torch.ones(b, dtype=torch.int32)
+        rows = [[0, 0, 0]] * b  # padding rows: token 0 at position 0 into the scratch block 0
+        lens = [1] * b
+        tables = [[0] * self.max_blocks for _ in range(b)]
         for i, (req, _) in enumerate(items):
             p = req.num_computed
-            ids[i], pos[i], lens[i] = req.all_ids[p], p, p + 1
-            slots[i] = self._slots(req, p, 1)[0]
-            tables[i, :len(req.blocks)] = torch.tensor(req.blocks, dtype=torch.int32)
-        buf["ids"][0].copy_(ids, non_blocking=True)
-        buf["pos"][0].copy_(pos, non_blocking=True)
-        buf["slots"].copy_(slots, non_blocking=True)
-        buf["tables"].copy_(tables, non_blocking=True)
-        buf["lens"].copy_(lens, non_blocking=True)
+            rows[i] = [req.all_ids[p], p, self._slots(req, p, 1)[0]]
+            lens[i] = p + 1
+            tables[i][:len(req.blocks)] = req.blocks
+        ids_pos_slots = torch.tensor(rows, dtype=torch.long).t()  # [3, b]
+        buf["ids"][0].copy_(ids_pos_slots[0], non_blocking=True)
+        buf["pos"][0].copy_(ids_pos_slots[1], non_blocking=True)
+        buf["slots"].copy_(ids_pos_slots[2], non_blocking=True)
+        buf["tables"].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        buf["lens"].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
         g.replay()
         return buf["logits"][:n], [req for req, _ in items]

@@ -98,12 +98,12 @@ class Sampler:
                 if hist and (p.presence_penalty or p.frequency_penalty):
                     counts = torch.bincount(torch.tensor(hist, device=self.device), minlength=V).float()
                     logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-        greedy = torch.tensor([p.temperature == 0 for p in params], device=self.device)
-        temps = torch.tensor([p.temperature or 1.0 for p in params], device=self.device)
-        top_k = torch.tensor([p.top_k for p in params], device=self.device)
-        top_p = torch.tensor([p.top_p for p in params], device=self.device)
         tokens = logits.argmax(-1)
-        if not bool(greedy.all()):
+        if not all(p.temperature == 0 for p in params):  # decided on the host: an all-greedy step syncs once
+            greedy = torch.tensor([p.temperature == 0 for p in params], device=self.device)
+            temps = torch.tensor([p.temperature or 1.0 for p in params], device=self.device)
+            top_k = torch.tensor([p.top_k for p in params], device=self.device)
+            top_p = torch.tensor([p.top_p for p in params], device=self.device)
             probs = top_k_top_p_mask(logits / temps[:, None], top_k, top_p).softmax(-1)  # [B, V]
             q = torch.empty_like(probs).exponential_(generator=self.shared)
             for i, g in enumerate(generators):

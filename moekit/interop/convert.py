@@ -7,7 +7,6 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from moekit.config import ModelConfig, RunConfig, TrainConfig
 from moekit.data.tokenizer import Tokenizer
@@ -28,7 +27,7 @@ def load_source(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
     ckpt = ckpt_io.resolve_checkpoint(path)
     ckpt_io.verify(ckpt)
     cfg = ckpt_io.load_run_config(ckpt).model
-    return cfg, load_file(str(ckpt / "model.safetensors")), Tokenizer.load(ckpt / "tokenizer.json"), ckpt
+    return cfg, ckpt_io.read_weights(ckpt), Tokenizer.load(ckpt / "tokenizer.json"), ckpt
 
 
 def source_config(path: str | Path) -> ModelConfig:

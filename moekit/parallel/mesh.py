@@ -28,12 +28,10 @@ class ParallelDims:
         if product != world_size:
             raise ConfigError(f"dp x tp x pp x ep = {self.dp} x {self.tp} x {self.pp} x {self.ep} = {product}, "
                               f"but {world_size} processes were launched")
-        if self.tp > 1:
-            raise ConfigError("tensor parallelism is not available yet; use --dp, --ep and --pp")
         if self.pp > 1 and (self.ep > 1 or self.tp > 1):
             raise ConfigError("--pp combines with --dp only (FSDP inside each stage), not with --ep or --tp")
-        if self.dp > 1 and self.ep > 1:
-            raise ConfigError("combining --dp and --ep is not available yet; use one of them")
+        if self.tp > 1 and self.ep > 1:
+            raise ConfigError("--tp combines with --dp only, not with --ep (experts split over tp instead)")
         return self
 
 

@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from moekit.parallel.mesh import ParallelDims, build_mesh
 
@@ -55,6 +56,8 @@ def _expert_shards(model: torch.nn.Module) -> dict:
 
 def _gather_experts(t: torch.Tensor, m) -> torch.Tensor:
     """Concatenate every EP rank's slice along the expert dimension (collective)."""
+    if isinstance(t, DTensor):  # EP x FSDP: first this rank's experts, whole, from its dp peers
+        t = t.full_tensor()
     parts = [torch.empty_like(t) for _ in range(m.ep)]
     dist.all_gather(parts, t.contiguous(), group=m.group)
     return torch.cat(parts)
@@ -68,7 +71,7 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     shards = _expert_shards(model)
     if not shards:
         return get_model_state_dict(model, options=FULL)
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    sd = get_model_state_dict(model, options=FULL)  # gathers what FSDP shards; complete on rank 0
     for name, m in shards.items():
         for pn in ("w1", "w3", "w2"):
             sd[f"{name}.{pn}"] = _gather_experts(getattr(m, pn).detach(), m).cpu()

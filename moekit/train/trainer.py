@@ -84,15 +84,11 @@ class Trainer:
             self.pipe = build_pipeline(self.model, dist_ctx.mesh, device, cfg.train.pp_schedule,
                                        cfg.train.pp_microbatches, bf16=device.type == "cuda")
             self.model = self.pipe.module  # this rank's stage; parameter names as in the plain model
-        elif dist_ctx is not None and dist_ctx.dims.ep > 1:
-            from moekit.parallel.expert_parallel import apply_expert_parallel
+        elif dist_ctx is not None:  # tensor, expert and data parallelism, in that order
+            from moekit.parallel.parallelize import parallelize
 
-            self.ep_group = dist_ctx.mesh.get_group("ep")
-            apply_expert_parallel(self.model, self.ep_group)
-        elif dist_ctx is not None:
-            from moekit.parallel.mesh import apply_fsdp
-
-            apply_fsdp(self.model, dist_ctx.mesh["dp"])
+            parallelize(self.model, dist_ctx.mesh, dist_ctx.dims)
+            self.ep_group = dist_ctx.mesh.get_group("ep") if dist_ctx.dims.ep > 1 else None
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.opt = make_optimizer(self.model, cfg.train, device)
         self.step = 0
@@ -198,11 +194,17 @@ class Trainer:
             return self._pipeline_step(accum)
         ce = bal = z = dropped = distill = torch.zeros((), device=self.device)
         load = None
-        world, rank = (self.dist.world, self.dist.rank) if self.dist else (1, 0)
+        world = self.dist.world if self.dist else 1
+        if self.dist is not None:
+            from moekit.parallel.parallelize import data_shard
+
+            shards, shard = data_shard(self.dist.mesh)  # dp x ep shards; tp ranks read the same rows
+        else:
+            shards, shard = 1, 0
         for _ in range(accum):
             # every rank reads the same stream and keeps its own slice of the global micro-batch
-            x, y = self.data.mixture.next_batch(tc.micro_batch * world, tc.seq_len)  # [world*B, T]
-            x, y = x[rank * tc.micro_batch:(rank + 1) * tc.micro_batch], y[rank * tc.micro_batch:(rank + 1) * tc.micro_batch]
+            x, y = self.data.mixture.next_batch(tc.micro_batch * shards, tc.seq_len)  # [shards*B, T]
+            x, y = x[shard * tc.micro_batch:(shard + 1) * tc.micro_batch], y[shard * tc.micro_batch:(shard + 1) * tc.micro_batch]
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast_for(self.device, tc.dtype):
                 out = self.forward(x, y)
@@ -221,15 +223,13 @@ class Trainer:
                 layer_load = torch.stack([s.load for s in out.router_stats])  # [moe layers, E]
                 load = layer_load / accum if load is None else load + layer_load / accum
                 dropped = dropped + torch.stack([s.dropped for s in out.router_stats]).mean() / accum
-        if self.ep_group is not None:
-            from moekit.parallel.expert_parallel import clip_grad_norm, sync_replicated_grads
+        if self.dist is not None:
+            from moekit.parallel.parallelize import clip_grad_norm, reduce_grads
 
-            sync_replicated_grads(self.model, self.ep_group)
-            grad_norm = clip_grad_norm(self.model, tc.grad_clip, self.ep_group)
+            reduce_grads(self.model, self.dist.mesh, self.dist.dims)
+            grad_norm = clip_grad_norm(self.model, tc.grad_clip, self.dist.dims)  # over all ranks' pieces
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
         if self.dist is not None:  # log the global means
             for t in (ce, bal, z, dropped) + ((load,) if load is not None else ()):
                 torch.distributed.all_reduce(t)
@@ -239,7 +239,12 @@ class Trainer:
             ckpts = ckpt_io.list_checkpoints(self.run_dir)
             raise TrainingError(f"loss became {loss} (grad norm {grad_norm.item()}) at step {self.step}; "
                                 f"stopped without saving; last good checkpoint: {ckpts[-1] if ckpts else 'none'}")
-        self.opt.step()
+        if self.dist is not None:
+            from moekit.parallel.parallelize import optimizer_step
+
+            optimizer_step(self.opt)  # plain and DTensor parameters side by side under --tp
+        else:
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         return StepResult(loss, bal.item(), z.item(), grad_norm.item(),
@@ -332,12 +337,14 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
         cfg = ckpt_io.load_run_config(ckpt)
         if steps is not None:
             cfg.train.steps = steps
-        if layout:  # checkpoints hold full tensors: resume at another --dp / --ep layout
+        if layout:  # checkpoints hold full tensors: resume at another --dp / --ep / --tp layout
+            # dp x ep ranks read distinct data shards; tp ranks share theirs
             micro = cfg.train.micro_batch * cfg.train.dp * cfg.train.ep
             cfg.train = dataclasses.replace(cfg.train, **layout)
             ranks = cfg.train.dp * cfg.train.ep
             if micro % ranks:
-                raise TrainingError(f"the global micro-batch of {micro} sequences does not split over {ranks} ranks")
+                raise TrainingError(f"the global micro-batch of {micro} sequences does not split over {ranks} "
+                                    "data shards (dp x ep)")
             cfg.train.micro_batch = micro // ranks  # same global batch, so the run continues exactly
         cfg.validate()
         tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
@@ -366,6 +373,9 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
     from moekit.parallel.mesh import ParallelDims
     from moekit.parallel.runtime import init_distributed, load_full_state
 
+    from moekit.parallel.tensor_parallel import check_tensor_parallel
+
+    check_tensor_parallel(cfg.model, cfg.train.tp)  # before any process group exists
     ctx = init_distributed(ParallelDims(dp=cfg.train.dp, tp=cfg.train.tp, pp=cfg.train.pp, ep=cfg.train.ep), cfg.train.device)
     try:
         device = ctx.device if ctx is not None else resolve_device(cfg.train.device)
@@ -385,7 +395,8 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
             run_dir.mkdir(parents=True, exist_ok=True)
             sizes = ", ".join(f"{k}: {v['train_docs']} docs / {v['train_tokens']:,} tokens" for k, v in data.stats.items())
             n = sum(p.numel() for p in build_model(cfg.model, "meta").parameters())
-            where = str(device) if ctx is None else f"{ctx.world} ranks ({'EP' if ctx.dims.ep > 1 else 'FSDP'})"
+            where = str(device) if ctx is None else f"{ctx.world} ranks (" + " x ".join(
+                f"{k} {getattr(ctx.dims, k)}" for k in ("dp", "ep", "tp") if getattr(ctx.dims, k) > 1) + ")"
             if ctx is not None and ctx.dims.pp > 1:
                 where = f"{ctx.world} ranks ({ctx.dims.pp} pipeline stages, {cfg.train.pp_schedule}, dp {ctx.dims.dp})"
             print(f"run {run_dir}: {n / 1e6:.2f}M parameters on {where}; corpus {sizes}")
