@@ -18,6 +18,7 @@ these kernels on CPU).
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -27,6 +28,10 @@ import triton.language as tl
 from moekit.infer.triton_paged import paged_decode_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# autotuning results are kept on disk (Triton's cache) where this Triton can
+_TUNE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 def _restore(*names):
@@ -62,9 +67,9 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_w
         if NORM:  # RMSNorm(x) g @ w = rstd * ((x g) @ w): one pass, rstd applied at the end
             ss += tl.sum(xk * xk, 1)
             xk = xk * tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        w = tl.load(w_ptr + n[None, :] * stride_wn + kk[:, None], mask=kmask[:, None] & nmask[None, :],
-                    other=0.0)  # [BK, BN]
-        acc += tl.dot(xk.to(w.dtype), w, out_dtype=tl.float32)
+        w = tl.load(w_ptr + n[:, None] * stride_wn + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+                    other=0.0)  # [BN, BK], rows contiguous
+        acc += tl.dot(xk.to(w.dtype), tl.trans(w), out_dtype=tl.float32)
     if NORM:
         acc = acc / tl.sqrt(ss / K + eps)[:, None]
     optr = out_ptr + rows[:, None] * stride_ob + n[None, :]
@@ -79,16 +84,15 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_w
 
 
 def _linear_configs(split: bool):
-    cfgs = []
-    for bn in (16, 32, 64):
-        for bk in (64, 128, 256):
-            for splits in ((2, 4, 8) if split else (1,)):
-                cfgs.append(triton.Config({"BN": bn, "BK": bk, "SPLIT_K": splits}, num_warps=4, num_stages=4))
-    return cfgs
+    if split:
+        return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=4, num_stages=4)
+                for bn in (16, 32, 64) for bk in (128, 256) for sk in (2, 4)]
+    return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": 1}, num_warps=w, num_stages=4)
+            for bn in (16, 32, 64, 128) for bk in (128, 256) for w in (4, 8)]
 
 
-_norm_linear_store = triton.autotune(_linear_configs(False), key=["B", "K", "N"])(_norm_linear)
-_norm_linear_accum = triton.autotune(_linear_configs(True), key=["B", "K", "N"], **_restore("out_ptr"))(_norm_linear)
+_norm_linear_store = triton.autotune(_linear_configs(False), key=["B", "K", "N"], **_TUNE)(_norm_linear)
+_norm_linear_accum = triton.autotune(_linear_configs(True), key=["B", "K", "N"], **_restore("out_ptr"), **_TUNE)(_norm_linear)
 
 
 def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None, eps: float = 1e-5,
@@ -252,13 +256,18 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, out_ptr, F, D, stride_we, st
     tl.atomic_add(out_ptr + (r // TOPK) * stride_ob + n, y, mask=nmask)
 
 
-def _gemv_configs():
-    return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": s}, num_warps=4, num_stages=4)
-            for bn in (64, 128) for bk in (16, 32, 64) for s in (2, 4, 8, 16) if bn * bk <= 4096]
+def _up_configs():
+    return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=4, num_stages=4)
+            for bn, bk in ((64, 32), (64, 64), (128, 32)) for sk in (2, 4, 8)]
 
 
-_expert_up_tuned = triton.autotune(_gemv_configs(), key=["R", "K", "F"])(_expert_up)
-_expert_down_tuned = triton.autotune(_gemv_configs(), key=["F", "D"], **_restore("out_ptr"))(_expert_down)
+def _down_configs():
+    return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=4)
+            for bn, bk in ((64, 64), (128, 32), (128, 64), (256, 32)) for sk in (4, 8, 16) for w in (4, 8)]
+
+
+_expert_up_tuned = triton.autotune(_up_configs(), key=["R", "K", "F"], **_TUNE)(_expert_up)
+_expert_down_tuned = triton.autotune(_down_configs(), key=["F", "D"], **_restore("out_ptr"), **_TUNE)(_expert_down)
 
 
 def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
