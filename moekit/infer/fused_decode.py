@@ -43,7 +43,7 @@ def _restore(*names):
 @triton.jit
 def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob,
                  NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, SPLIT_K: tl.constexpr):
+                 BK: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr):
     """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM (which needs the
     whole K range in one program). All rows of a BM block share each weight tile (tl.dot on rows
     padded to BM). ACCUM adds into out (atomically when K is split over programs); otherwise out
@@ -69,7 +69,11 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_w
             xk = xk * tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
         w = tl.load(w_ptr + n[:, None] * stride_wn + kk[None, :], mask=nmask[:, None] & kmask[None, :],
                     other=0.0)  # [BN, BK], rows contiguous
-        acc += tl.dot(xk.to(w.dtype), tl.trans(w), out_dtype=tl.float32)
+        if USE_DOT:  # tensor cores on rows padded to BM >= 16
+            acc += tl.dot(xk.to(w.dtype), tl.trans(w), out_dtype=tl.float32)
+        else:  # a few rows: multiply and reduce in registers
+            xr = xk.to(w.dtype).to(tl.float32)
+            acc += tl.sum(xr[:, None, :] * w.to(tl.float32)[None, :, :], 2)
     if NORM:
         acc = acc / tl.sqrt(ss / K + eps)[:, None]
     optr = out_ptr + rows[:, None] * stride_ob + n[None, :]
@@ -84,11 +88,13 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_w
 
 
 def _linear_configs(split: bool):
-    if split:
-        return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=4, num_stages=4)
-                for bn in (16, 32, 64) for bk in (128, 256) for sk in (2, 4)]
-    return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": 1}, num_warps=w, num_stages=4)
-            for bn in (16, 32, 64, 128) for bk in (128, 256) for w in (4, 8)]
+    """Tensor-core tiles (rows padded to 16) and register GEMV tiles (one row per program)."""
+    sks = (2, 4) if split else (1,)
+    dot = [triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk, "USE_DOT": True}, num_warps=4, num_stages=4)
+           for bn in (16, 32, 64) for bk in (128, 256) for sk in sks]
+    gemv = [triton.Config({"BM": 1, "BN": bn, "BK": bk, "SPLIT_K": sk, "USE_DOT": False}, num_warps=w, num_stages=4)
+            for bn, bk in ((8, 256), (16, 256), (32, 128), (16, 512)) for sk in sks for w in (4, 8)]
+    return dot + gemv
 
 
 _norm_linear_store = triton.autotune(_linear_configs(False), key=["B", "K", "N"], **_TUNE)(_norm_linear)
@@ -96,21 +102,22 @@ _norm_linear_accum = triton.autotune(_linear_configs(True), key=["B", "K", "N"],
 
 
 def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None, eps: float = 1e-5,
-                out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+                out: torch.Tensor | None = None, accumulate: bool = False, use_dot: bool = True) -> torch.Tensor:
     """x: [B, K]; w: [N, K] -> out [B, N] = (RMSNorm_g(x) if g is given else x) @ w.T, or
-    out += x @ w.T when accumulate (out float32)."""
+    out += x @ w.T when accumulate (out float32). use_dot picks the tile kind off the GPU."""
     B, K = x.shape
     N = w.shape[0]
     if out is None:
         out = torch.empty(B, N, device=x.device, dtype=w.dtype)
     args = (x, g if g is not None else x, w, out, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0))
-    kw = dict(NORM=g is not None, ACCUM=accumulate, BM=16)
-    if _INTERPRET or not x.is_cuda:
-        _norm_linear[(triton.cdiv(B, 16), triton.cdiv(N, 32), 2 if accumulate else 1)](
-            *args, **kw, BN=32, BK=32, SPLIT_K=2 if accumulate else 1)
+    kw = dict(NORM=g is not None, ACCUM=accumulate)
+    if _INTERPRET or not x.is_cuda:  # fixed tiles; on GPU the autotuner picks
+        bm = 16 if use_dot else 1
+        _norm_linear[(triton.cdiv(B, bm), triton.cdiv(N, 32), 2 if accumulate else 1)](
+            *args, **kw, BM=bm, BN=32, BK=32, SPLIT_K=2 if accumulate else 1, USE_DOT=use_dot)
     else:
         kern = _norm_linear_accum if accumulate else _norm_linear_store
-        kern[lambda m: (triton.cdiv(B, 16), triton.cdiv(N, m["BN"]), m["SPLIT_K"])](*args, **kw)
+        kern[lambda m: (triton.cdiv(B, m["BM"]), triton.cdiv(N, m["BN"]), m["SPLIT_K"])](*args, **kw)
     return out
 
 
@@ -263,7 +270,7 @@ def _up_configs():
 
 def _down_configs():
     return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=4)
-            for bn, bk in ((64, 64), (128, 32), (128, 64), (256, 32)) for sk in (4, 8, 16) for w in (4, 8)]
+            for bn, bk in ((64, 64), (128, 32), (128, 64), (256, 32)) for sk in (8, 16, 32) for w in (4, 8)]
 
 
 _expert_up_tuned = triton.autotune(_up_configs(), key=["R", "K", "F"], **_TUNE)(_expert_up)

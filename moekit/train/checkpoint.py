@@ -160,14 +160,15 @@ def is_sharded(ckpt: Path) -> bool:
 
 def read_weights(ckpt: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The full weights of a checkpoint of either format, in this process."""
+    path = ckpt / (DCP_DIR if is_sharded(ckpt) else "model.safetensors")
     try:
-        if is_sharded(ckpt):
+        if path.name == DCP_DIR:
             from moekit.parallel.sharded_checkpoint import read_model_weights
 
-            return {k: v.to(device) for k, v in read_model_weights(ckpt / DCP_DIR).items()}
-        return load_file(str(ckpt / "model.safetensors"), device=device)
+            return {k: v.to(device) for k, v in read_model_weights(path).items()}
+        return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot read the weights of {ckpt}: {e}") from None
+        raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
 def load_run_config(ckpt: Path) -> RunConfig:
