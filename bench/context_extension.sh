@@ -9,15 +9,16 @@ EXT=${2:-250}
 OUT_DIR=${OUT:-bench/results}
 GPU=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 RUNS=${RUNS:-runs}
+MOEKIT=${MOEKIT:-python -m moekit}
 mkdir -p "$OUT_DIR"
 
 # the base model's RoPE table covers 8192 positions, so it can be evaluated (and fail) beyond 2048
-moekit train --preset bench-1b --steps "$PRE" --seq-len 2048 --micro-batch 8 --model-max-seq-len 8192 \
+$MOEKIT train --preset bench-1b --steps "$PRE" --seq-len 2048 --micro-batch 8 --model-max-seq-len 8192 \
     --eval-every 100000 --ckpt-every 100000 --out-dir "$RUNS/ctx-base"
-moekit train --preset bench-1b --init-from "$RUNS/ctx-base" --steps "$EXT" --seq-len 8192 --micro-batch 2 --lr 2e-4 --min-lr 2e-5 \
+$MOEKIT train --preset bench-1b --init-from "$RUNS/ctx-base" --steps "$EXT" --seq-len 8192 --micro-batch 2 --lr 2e-4 --min-lr 2e-5 \
     --warmup-steps 20 --model-rope-scaling 4 --model-rope-type yarn --model-rope-original-len 2048 \
     --eval-every 100000 --ckpt-every 100000 --compile --out-dir "$RUNS/ctx-8k"
-moekit eval --ckpt "$RUNS/ctx-base" "$RUNS/ctx-8k" --length 8192 --buckets 8 --passkey-lengths 1024,2048,4096,8000 \
+$MOEKIT eval --ckpt "$RUNS/ctx-base" "$RUNS/ctx-8k" --length 8192 --buckets 8 --passkey-lengths 1024,2048,4096,8000 \
     --trials 8 --device cuda --json --png "$OUT_DIR/context_extension_bench1b_$GPU.png" \
     > "$OUT_DIR/context_extension_bench1b_$GPU.json"
 python - "$OUT_DIR/context_extension_bench1b_$GPU.json" "$PRE" "$EXT" <<'EOF'
