@@ -128,8 +128,8 @@ def test_parallel_dims_are_validated():
     ParallelDims(dp=2, ep=2 // 2).validate(2)
     with pytest.raises(ConfigError, match="4 processes"):
         ParallelDims(dp=2).validate(4)
-    with pytest.raises(ConfigError, match="not available"):
-        ParallelDims(tp=2).validate(2)
+    with pytest.raises(ConfigError, match="not with --ep"):
+        ParallelDims(tp=2, ep=2).validate(4)
     with pytest.raises(ConfigError, match=">= 1"):
         ParallelDims(dp=0).validate(0)
 

@@ -74,8 +74,9 @@ class Engine:
         self.kv = PagedKVCache(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
         self.kv_bytes_per_token = kv_bytes_per_token(model.cfg, dtype)
         self.scheduler = Scheduler(self.kv.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        spec_rows = min(cfg.max_num_seqs, cfg.speculative_max_batch) * (cfg.num_speculative_tokens + 1) if draft else 0
         self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs,
-                                  cfg.compile, cfg.fused_decode)
+                                  cfg.compile, cfg.fused_decode, max_rows=spec_rows)
         self.sampler = Sampler(self.device, cfg.seed)
         self.spec = None
         if draft is not None:

@@ -13,18 +13,19 @@ from moekit.infer.paged_attention import AttentionMetadata, PagedAttentionLayer
 from moekit.infer.scheduler import Request, ScheduledBatch
 from moekit.model.transformer import Transformer
 
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GRAPH_BATCH_SIZES = (1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 128, 256)  # small sizes: speculative verify rows
 FUSED_MAX_BATCH = 8  # above this the grouped-GEMM model path reads each expert once for all its rows
 
 
 class ModelRunner:
     def __init__(self, model: Transformer, kv: PagedKVCache, max_model_len: int, max_num_seqs: int,
-                 cuda_graphs: bool = True, compile: bool = False, fused: bool = True):
+                 cuda_graphs: bool = True, compile: bool = False, fused: bool = True, max_rows: int = 0):
         self.model, self.kv = model, kv
         self.device = next(model.parameters()).device
         self.block_size = kv.block_size
         self.max_blocks = math.ceil(max_model_len / self.block_size)
-        self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs] if (
+        # graphs for up to max_rows one-token rows (speculative verification: (k + 1) per request)
+        self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b < 2 * max(max_num_seqs, max_rows)] if (
             cuda_graphs and self.device.type == "cuda") else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.pool = None
@@ -136,24 +137,40 @@ class ModelRunner:
         self.graphs[b] = (g, buf)
 
     def _execute_graph(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
-        n = len(items)
+        rows = [(req, req.num_computed, req.all_ids[req.num_computed]) for req, _ in items]
+        return self.decode_rows(rows), [req for req, _ in items]
+
+    @torch.inference_mode()
+    def decode_rows(self, rows: list[tuple[Request, int, int]]) -> torch.Tensor:
+        """One token per row: (request, position, token id); several rows of one request at
+        consecutive positions see each other causally (every row's K/V is stored before any row
+        attends). Returns logits [len(rows), vocab]: a replayed CUDA graph where one fits, else
+        the packed forward."""
+        n = len(rows)
+        if not self.graph_sizes or n > self.graph_sizes[-1]:
+            chunks: list[tuple[Request, int, list[int]]] = []
+            for req, p, tok in rows:  # consecutive rows of one request form one chunk
+                if chunks and chunks[-1][0] is req and chunks[-1][1] + len(chunks[-1][2]) == p:
+                    chunks[-1][2].append(tok)
+                else:
+                    chunks.append((req, p, [tok]))
+            return self.forward_chunks(chunks)
         b = next(s for s in self.graph_sizes if s >= n)
         if b not in self.graphs:
             self.capture_graph(b)
         g, buf = self.graphs[b]
-        rows = [[0, 0, 0]] * b  # padding rows: token 0 at position 0 into the scratch block 0
+        packed = [[0, 0, 0]] * b  # padding rows: token 0 at position 0 into the scratch block 0
         lens = [1] * b
         tables = [[0] * self.max_blocks for _ in range(b)]
-        for i, (req, _) in enumerate(items):
-            p = req.num_computed
-            rows[i] = [req.all_ids[p], p, self._slots(req, p, 1)[0]]
+        for i, (req, p, tok) in enumerate(rows):
+            packed[i] = [tok, p, self._slots(req, p, 1)[0]]
             lens[i] = p + 1
             tables[i][:len(req.blocks)] = req.blocks
-        ids_pos_slots = torch.tensor(rows, dtype=torch.long).t()  # [3, b]
+        ids_pos_slots = torch.tensor(packed, dtype=torch.long).t()  # [3, b]
         buf["ids"][0].copy_(ids_pos_slots[0], non_blocking=True)
         buf["pos"][0].copy_(ids_pos_slots[1], non_blocking=True)
         buf["slots"].copy_(ids_pos_slots[2], non_blocking=True)
         buf["tables"].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
         buf["lens"].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
         g.replay()
-        return buf["logits"][:n], [req for req, _ in items]
+        return buf["logits"][:n]

@@ -85,7 +85,8 @@ class SpeculativeDecoder:
         dtype = next(draft.parameters()).dtype
         device = next(draft.parameters()).device
         self.kv = PagedKVCache(draft.cfg, target_kv.allocator.num_blocks, target_kv.block_size, device, dtype)
-        self.runner = ModelRunner(draft.eval(), self.kv, max_model_len, max_num_seqs, cuda_graphs=False)
+        # the draft's steps are one token per row: CUDA graphs (and the fused step) on GPU
+        self.runner = ModelRunner(draft.eval(), self.kv, max_model_len, max_num_seqs, max_rows=2 * max_num_seqs)
         self.allocator = target_kv.allocator
         self.block_size, self.k, self.max_model_len = target_kv.block_size, k, max_model_len
         self.shared = shared_generator
@@ -121,11 +122,11 @@ class SpeculativeDecoder:
         # 1. the draft catches up to the last sampled token and proposes k tokens
         proposals = [[] for _ in reqs]
         q_dists = [[] for _ in reqs]
-        chunks = []
+        rows, last = [], []
         for r in reqs:
-            dc = self._draft_start(r)
-            chunks.append((r, dc, r.all_ids[dc:r.num_tokens]))
-        logits = self.runner.forward_chunks(chunks, last_of=[True] * len(reqs))  # [B, V]
+            rows += [(r, p, r.all_ids[p]) for p in range(self._draft_start(r), r.num_tokens)]
+            last.append(len(rows) - 1)
+        logits = self.runner.decode_rows(rows)[last]  # [B, V]
         for j in range(k):
             for i, r in enumerate(reqs):
                 q = distribution(logits[i:i + 1], r.params)[0]
@@ -134,12 +135,11 @@ class SpeculativeDecoder:
             if j == k - 1:
                 break
             pos = [r.num_tokens + j for r in reqs]
-            logits = self.runner.forward_chunks([(r, p, [proposals[i][j]]) for i, (r, p) in enumerate(zip(reqs, pos))],
-                                                last_of=[True] * len(reqs))
+            logits = self.runner.decode_rows([(r, p, proposals[i][j]) for i, (r, p) in enumerate(zip(reqs, pos))])
 
         # 2. the target scores the last token and all k proposals in one forward: k + 1 rows each
-        chunks = [(r, r.num_computed, [r.all_ids[-1]] + proposals[i]) for i, r in enumerate(reqs)]
-        p_logits = target.forward_chunks(chunks).view(len(reqs), k + 1, -1)
+        rows = [(r, r.num_computed + j, t) for i, r in enumerate(reqs) for j, t in enumerate([r.all_ids[-1]] + proposals[i])]
+        p_logits = target.decode_rows(rows).view(len(reqs), k + 1, -1)
 
         # 3. accept or reject, request by request
         out: dict[str, list[int]] = {}

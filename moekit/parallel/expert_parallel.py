@@ -79,26 +79,3 @@ def sync_replicated_grads(model: nn.Module, group: dist.ProcessGroup) -> None:
         else:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
             p.grad.div_(ep)
-
-
-def clip_grad_norm(model: nn.Module, max_norm: float, group: dist.ProcessGroup) -> torch.Tensor:
-    """Global gradient-norm clipping when expert gradients live on different ranks (after
-    sync_replicated_grads: the replicated gradients are equal everywhere)."""
-    expert_sq = torch.zeros((), dtype=torch.float32)
-    shared_sq = torch.zeros((), dtype=torch.float32)
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.float().pow(2).sum().cpu()
-        if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), ExpertParallelExperts):
-            expert_sq += sq
-        else:
-            shared_sq += sq
-    expert_sq = expert_sq.to(next(model.parameters()).device)
-    dist.all_reduce(expert_sq, group=group)
-    total = (expert_sq.cpu() + shared_sq).sqrt()
-    coef = min(1.0, max_norm / (float(total) + 1e-6))
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(coef)
-    return total

@@ -372,7 +372,6 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
             raise TrainingError(f"--init-from {cfg.train.init_from}: its weights do not fit the model config")
     from moekit.parallel.mesh import ParallelDims
     from moekit.parallel.runtime import init_distributed, load_full_state
-
     from moekit.parallel.tensor_parallel import check_tensor_parallel
 
     check_tensor_parallel(cfg.model, cfg.train.tp)  # before any process group exists
