@@ -41,7 +41,7 @@ def _restore(*names):
 
 # -- 1/4: (RMSNorm +) linear, W in nn.Linear layout [N, K] -----------------------------------------
 @triton.jit
-def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob,
+def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob, TUNE_B,
                  NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr):
     """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM (which needs the
@@ -97,8 +97,17 @@ def _linear_configs(split: bool):
     return dot + gemv
 
 
-_norm_linear_store = triton.autotune(_linear_configs(False), key=["B", "K", "N"], **_TUNE)(_norm_linear)
-_norm_linear_accum = triton.autotune(_linear_configs(True), key=["B", "K", "N"], **_restore("out_ptr"), **_TUNE)(_norm_linear)
+def _rows_prune(configs, named_args, **kwargs):
+    """One-row tiles re-read the weights for every row: several rows take tensor-core tiles."""
+    return configs if named_args["TUNE_B"] == 1 else [c for c in configs if c.kwargs["USE_DOT"]]
+
+
+# tuned once per weight shape for one row and once for several (TUNE_B), not per batch size: new
+# batch sizes (speculative verification) would otherwise stop the engine to re-tune
+_norm_linear_store = triton.autotune(_linear_configs(False), key=["TUNE_B", "K", "N"],
+                                     prune_configs_by={"early_config_prune": _rows_prune}, **_TUNE)(_norm_linear)
+_norm_linear_accum = triton.autotune(_linear_configs(True), key=["TUNE_B", "K", "N"], **_restore("out_ptr"),
+                                     prune_configs_by={"early_config_prune": _rows_prune}, **_TUNE)(_norm_linear)
 
 
 def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None, eps: float = 1e-5,
@@ -109,7 +118,8 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     N = w.shape[0]
     if out is None:
         out = torch.empty(B, N, device=x.device, dtype=w.dtype)
-    args = (x, g if g is not None else x, w, out, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0))
+    args = (x, g if g is not None else x, w, out, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0),
+            1 if B == 1 else 2)
     kw = dict(NORM=g is not None, ACCUM=accumulate)
     if _INTERPRET or not x.is_cuda:  # fixed tiles; on GPU the autotuner picks
         bm = 16 if use_dot else 1
@@ -273,7 +283,7 @@ def _down_configs():
             for bn, bk in ((64, 64), (128, 32), (128, 64), (256, 32)) for sk in (8, 16, 32) for w in (4, 8)]
 
 
-_expert_up_tuned = triton.autotune(_up_configs(), key=["R", "K", "F"], **_TUNE)(_expert_up)
+_expert_up_tuned = triton.autotune(_up_configs(), key=["K", "F"], **_TUNE)(_expert_up)  # one program row per assignment
 _expert_down_tuned = triton.autotune(_down_configs(), key=["F", "D"], **_restore("out_ptr"), **_TUNE)(_expert_down)
 
 
