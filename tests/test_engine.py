@@ -928,3 +928,22 @@ def test_paged_decode_reference_matches_contiguous_attention(H, Hkv, dtype):
     for b, n in enumerate(lens):
         ref = _contiguous_attention(q[b], k_cache, v_cache, tables[b], n)
         torch.testing.assert_close(out[b].double(), ref, atol=tol, rtol=0)
+
+
+def test_graph_path_does_not_sample_mid_prompt_chunks():
+    """With a small token budget a prompt can get a one-token chunk that is not its last while
+    every item of the step has one token, so the step takes the CUDA-graph path: only requests
+    whose chunk ends their tokens may sample. The graph replay is emulated on CPU by the same
+    per-row forward (the row -> sample bookkeeping is under test); outputs equal the packed path's."""
+    model = get_model()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    params = SamplingParams(max_tokens=4, temperature=0)
+    cfg = dict(kv_budget="1MiB", block_size=4, max_num_batched_tokens=2)
+    ref = Engine(model, None, EngineConfig(**cfg)).generate(prompts, params)
+
+    eng = Engine(model, None, EngineConfig(**cfg))
+    runner = eng.runner
+    runner.graph_sizes = [1, 2, 4]  # as on GPU with cuda_graphs
+    runner.decode_rows = lambda rows: runner.forward_chunks([(r, p, [t]) for r, p, t in rows])
+    out = eng.generate(prompts, params)
+    assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]

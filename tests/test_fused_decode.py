@@ -94,5 +94,28 @@ def test_unsupported_models_are_named():
     assert "shared" in unsupported_reason(_model(shared_expert_ffn=32))
     assert "QK-norm" in unsupported_reason(_model(qk_norm=True))
     assert "dense" in unsupported_reason(_model(n_experts=1, top_k=1))
+    assert "float64" in unsupported_reason(_model().double())  # the kernels accumulate in float32
     with pytest.raises(ValueError, match="fused decode"):
         FusedDecoder(_model(qk_norm=True), None, None)
+
+
+def test_fused_qkv_follows_replaced_weights():
+    model = _model()
+    kv = PagedKVCache(model.cfg, 8, 4, "cpu", torch.float32)
+    runner = ModelRunner(model, kv, max_model_len=16, max_num_seqs=2, cuda_graphs=False)
+    fused = FusedDecoder(model, kv.k, kv.v)  # what ModelRunner builds on GPU
+    # new weights arrive after the engine was built (e.g. a reload), assigned rather than copied
+    new = {k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(new, assign=True)
+
+    r = SimpleNamespace(blocks=[1, 2])
+    toks = [3, 7, 11]
+    runner.forward_chunks([(r, 0, toks)])
+    k0, v0 = kv.k.clone(), kv.v.clone()
+    ref = runner.forward_chunks([(r, 3, [5])])
+    kv.k.copy_(k0)
+    kv.v.copy_(v0)
+    tables = torch.tensor([[1, 2, 0, 0]], dtype=torch.int32)
+    out = fused(torch.tensor([5]), torch.tensor([3]), torch.tensor([1 * 4 + 3]), tables,
+                torch.tensor([4], dtype=torch.int32))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,6 @@ routers sharp) so that a swapped, transposed or dropped tensor shows in the logi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path

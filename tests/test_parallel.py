@@ -3,7 +3,6 @@ the same losses and gradients as one process on the same global batch."""
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 

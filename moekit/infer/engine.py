@@ -88,7 +88,8 @@ class Engine:
             if cfg.num_speculative_tokens < 1:
                 raise ConfigError("num_speculative_tokens must be >= 1")
             self.spec = SpeculativeDecoder(draft, self.kv, self.max_model_len, cfg.max_num_seqs,
-                                           cfg.num_speculative_tokens, self.sampler.shared)
+                                           cfg.num_speculative_tokens, self.sampler.shared, cfg.cuda_graphs,
+                                           cfg.fused_decode)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.eos_id = tokenizer.eot_id if tokenizer is not None else None

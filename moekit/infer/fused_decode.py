@@ -43,11 +43,12 @@ def _restore(*names):
 @triton.jit
 def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob, TUNE_B,
                  NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr):
+                 BK: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM (which needs the
     whole K range in one program). All rows of a BM block share each weight tile (tl.dot on rows
     padded to BM). ACCUM adds into out (atomically when K is split over programs); otherwise out
     is overwritten."""
+    tl.static_assert(not NORM or SPLIT_K == 1)  # the norm needs the whole row in one program
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -70,7 +71,10 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_w
         w = tl.load(w_ptr + n[:, None] * stride_wn + kk[None, :], mask=nmask[:, None] & kmask[None, :],
                     other=0.0)  # [BN, BK], rows contiguous
         if USE_DOT:  # tensor cores on rows padded to BM >= 16
-            acc += tl.dot(xk.to(w.dtype), tl.trans(w), out_dtype=tl.float32)
+            if IEEE:  # float32 weights: full precision, not TF32
+                acc += tl.dot(xk.to(w.dtype), tl.trans(w), out_dtype=tl.float32, input_precision="ieee")
+            else:
+                acc += tl.dot(xk.to(w.dtype), tl.trans(w), out_dtype=tl.float32)
         else:  # a few rows: multiply and reduce in registers
             xr = xk.to(w.dtype).to(tl.float32)
             acc += tl.sum(xr[:, None, :] * w.to(tl.float32)[None, :, :], 2)
@@ -120,7 +124,7 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
         out = torch.empty(B, N, device=x.device, dtype=w.dtype)
     args = (x, g if g is not None else x, w, out, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0),
             1 if B == 1 else 2)
-    kw = dict(NORM=g is not None, ACCUM=accumulate)
+    kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32)
     if _INTERPRET or not x.is_cuda:  # fixed tiles; on GPU the autotuner picks
         bm = 16 if use_dot else 1
         _norm_linear[(triton.cdiv(B, bm), triton.cdiv(N, 32), 2 if accumulate else 1)](
@@ -328,6 +332,8 @@ def unsupported_reason(model) -> str | None:
         return "dense feed-forward layers are not fused"
     if cfg.hd % 2 or cfg.hd & (cfg.hd - 1):
         return "head dimension must be a power of two"
+    if model.embed.weight.dtype == torch.float64:
+        return "float64 weights are not fused"
     return None
 
 
@@ -335,7 +341,9 @@ class FusedDecoder:
     """The decode step of a Transformer over a paged KV cache, in the kernels above.
 
     Construction fuses each layer's wq, wk, wv into one [H*hd + 2*Hkv*hd, d] weight and points the
-    modules' weights at views of it (no extra memory); the model still runs as before."""
+    modules' weights at views of it (no extra memory); the model still runs as before. Weights
+    replaced later are fused again on the next call (a captured CUDA graph keeps the weights it
+    was captured with: capture after loading)."""
 
     def __init__(self, model, kv_k: torch.Tensor, kv_v: torch.Tensor):
         reason = unsupported_reason(model)
@@ -343,19 +351,35 @@ class FusedDecoder:
             raise ValueError(f"fused decode: {reason}")
         self.model, self.cfg = model, model.cfg
         self.kv_k, self.kv_v = kv_k, kv_v  # [n_layers, num_blocks, block, Hkv, hd]
+        self.wqkv: list[torch.Tensor] = []
+        self._fuse()
+
+    @torch.no_grad()
+    def _fuse(self) -> None:
         self.wqkv = []
-        with torch.no_grad():
-            for blk in model.blocks:
-                a = blk.attn
-                w = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])  # [(H + 2 Hkv) hd, d]
-                nq, nk = a.wq.weight.shape[0], a.wk.weight.shape[0]
-                a.wq.weight.data, a.wk.weight.data, a.wv.weight.data = w[:nq], w[nq:nq + nk], w[nq + nk:]
-                self.wqkv.append(w)
+        for blk in self.model.blocks:
+            a = blk.attn
+            w = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])  # [(H + 2 Hkv) hd, d]
+            nq, nk = a.wq.weight.shape[0], a.wk.weight.shape[0]
+            a.wq.weight.data, a.wk.weight.data, a.wv.weight.data = w[:nq], w[nq:nq + nk], w[nq + nk:]
+            self.wqkv.append(w)
+
+    def _fused_current(self) -> bool:
+        """False once the modules' q/k/v weights were replaced (load_state_dict(assign=True), .to())."""
+        for blk, w in zip(self.model.blocks, self.wqkv):
+            a = blk.attn
+            nq, nk = a.wq.weight.shape[0], a.wk.weight.shape[0]
+            views = ((a.wq.weight, 0), (a.wk.weight, nq), (a.wv.weight, nq + nk))
+            if any(p.data_ptr() != w[off].data_ptr() or p.dtype != w.dtype for p, off in views):
+                return False
+        return True
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor) -> torch.Tensor:
         """ids, pos, slots: [B]; tables: [B, max_blocks] int32; lens: [B] int32 -> logits [B, vocab] float32."""
         m, c = self.model, self.cfg
+        if not self._fused_current():
+            self._fuse()
         B = ids.shape[0]
         H, Hkv, hd = c.n_heads, c.n_kv_heads, c.hd
         x = m.embed.weight[ids].float()  # [B, d] residual stream
@@ -373,9 +397,10 @@ class FusedDecoder:
             norm_linear(y.view(B, H * hd), blk.attn.wo.weight, out=x, accumulate=True)
             moe = blk.ffn
             E = c.n_experts
+            ep = max(2, triton.next_power_of_2(E))
             _route[(B,)](x, blk.ffn_norm.weight, moe.router.weight, xn, ids32, gates, c.d_model, E,
-                         blk.ffn_norm.eps, x.stride(0), EP=max(2, triton.next_power_of_2(E)),
-                         BK=min(8192, triton.next_power_of_2(c.d_model)), TOPK=c.top_k, RENORM=c.renorm_gates,
+                         blk.ffn_norm.eps, x.stride(0), EP=ep,
+                         BK=min(triton.next_power_of_2(c.d_model), max(16, 16384 // ep)), TOPK=c.top_k, RENORM=c.renorm_gates,
                          num_warps=8)
             h = expert_up(xn, ids32, moe.experts.w1, moe.experts.w3)  # [B * k, f]
             expert_down(h, ids32, gates, moe.experts.w2, x)

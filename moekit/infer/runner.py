@@ -138,7 +138,12 @@ class ModelRunner:
 
     def _execute_graph(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
         rows = [(req, req.num_computed, req.all_ids[req.num_computed]) for req, _ in items]
-        return self.decode_rows(rows), [req for req, _ in items]
+        logits = self.decode_rows(rows)
+        # a one-token chunk in the middle of a chunked prefill computes K/V but samples nothing
+        ends = [i for i, (req, _) in enumerate(items) if req.num_computed + 1 == req.num_tokens]
+        if len(ends) < len(items):
+            logits = logits[ends]
+        return logits, [items[i][0] for i in ends]
 
     @torch.inference_mode()
     def decode_rows(self, rows: list[tuple[Request, int, int]]) -> torch.Tensor:

@@ -81,12 +81,13 @@ def eligible(req: Request) -> bool:
 
 class SpeculativeDecoder:
     def __init__(self, draft: Transformer, target_kv: PagedKVCache, max_model_len: int, max_num_seqs: int,
-                 k: int, shared_generator: torch.Generator):
+                 k: int, shared_generator: torch.Generator, cuda_graphs: bool = True, fused: bool = True):
         dtype = next(draft.parameters()).dtype
         device = next(draft.parameters()).device
         self.kv = PagedKVCache(draft.cfg, target_kv.allocator.num_blocks, target_kv.block_size, device, dtype)
         # the draft's steps are one token per row: CUDA graphs (and the fused step) on GPU
-        self.runner = ModelRunner(draft.eval(), self.kv, max_model_len, max_num_seqs, max_rows=2 * max_num_seqs)
+        self.runner = ModelRunner(draft.eval(), self.kv, max_model_len, max_num_seqs, cuda_graphs=cuda_graphs,
+                                  fused=fused, max_rows=2 * max_num_seqs)
         self.allocator = target_kv.allocator
         self.block_size, self.k, self.max_model_len = target_kv.block_size, k, max_model_len
         self.shared = shared_generator
