@@ -4,9 +4,7 @@ and optimizer tensors, and training resumed with the losses of the uninterrupted
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from moekit.config import ModelConfig
 from moekit.model.transformer import build_model
 from moekit.parallel.mesh import ParallelDims
+from tests.dist_helpers import free_port, run_config_toml, run_losses
 
 # aux losses off: the balance loss is not linear in the batch, so it differs between layouts
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=64, n_experts=4,
@@ -26,12 +25,6 @@ CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1
 G, T = 8, 16  # global batch of G sequences per step
 SAVE_AT, STEPS = 2, 4
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches():
@@ -125,7 +118,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: dict):
 def _spawn(world: int, root) -> dict:
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), str(root), out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), str(root), out), nprocs=world, join=True)
         return dict(out)
 
 
@@ -159,46 +152,6 @@ def test_dcp_saved_by_2_ranks_loads_at_1_and_4(tmp_path):
         assert resumed == pytest.approx(after, rel=1e-5)
 
 
-def _toml(tmp_path, name: str, **train) -> str:
-    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in train.items())
-    text = f"""
-[model]
-vocab_size = 512
-d_model = 32
-n_layers = 2
-n_heads = 2
-n_kv_heads = 1
-ffn_dim = 64
-n_experts = 4
-top_k = 2
-max_seq_len = 64
-expert_impl = "loop"
-balance_loss_coef = 0.0
-z_loss_coef = 0.0
-[train]
-out_dir = "{tmp_path / name}"
-steps = 4
-seq_len = 32
-micro_batch = 4
-eval_batches = 4
-eval_every = 2
-ckpt_every = 2
-warmup_steps = 1
-sample_tokens = 0
-device = "cpu"
-threads = 1
-{lines}
-[data]
-max_docs = 12
-max_doc_chars = 3000
-val_docs = 3
-cache_dir = "{tmp_path / 'cache'}"
-"""
-    path = tmp_path / f"{name}.toml"
-    path.write_text(text)
-    return str(path)
-
-
 def test_torchrun_pipeline_with_sharded_checkpoints(tmp_path):
     """`torchrun --nproc-per-node 2 -m moekit train --pp 2 --ckpt-format dcp` logs the losses of one
     process on the same batches; its step-2 checkpoint resumes in one process with the same
@@ -206,19 +159,16 @@ def test_torchrun_pipeline_with_sharded_checkpoints(tmp_path):
     from moekit.train import checkpoint as ckpt_io
     from moekit.train.trainer import train_main
 
-    single = _toml(tmp_path, "single")
+    single = run_config_toml(tmp_path, "single")
     subprocess.run([sys.executable, "-m", "moekit", "train", "--config", single], check=True, capture_output=True)
-    pp = _toml(tmp_path, "pp", pp=2, pp_schedule="1f1b", pp_microbatches=2, ckpt_format="dcp")
+    pp = run_config_toml(tmp_path, "pp", pp=2, pp_schedule="1f1b", pp_microbatches=2, ckpt_format="dcp")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", str(_free_port()), "-m", "moekit", "train", "--config", pp],
+                        "--master-port", str(free_port()), "-m", "moekit", "train", "--config", pp],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
 
-    def losses(run):
-        recs = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        return [x["loss"] for x in recs if "loss" in x], [x["val/code"] for x in recs if "val/code" in x]
 
-    (train_a, val_a), (train_b, val_b) = losses("single"), losses("pp")
+    (train_a, val_a), (train_b, val_b) = run_losses(tmp_path / "single"), run_losses(tmp_path / "pp")
     assert len(train_b) == 4
     # cross-entropy is linear over micro-batches of equal size: 1e-5 relative (float32 sums)
     assert train_b == pytest.approx(train_a, rel=1e-5)
@@ -232,7 +182,7 @@ def test_torchrun_pipeline_with_sharded_checkpoints(tmp_path):
 
     shutil.copytree(ckpts[0], tmp_path / "resumed" / ckpts[0].name)
     train_main(None, resume=str(tmp_path / "resumed"), progress=False, layout={"pp": 1})
-    assert losses("resumed")[0] == pytest.approx(train_b[2:], rel=1e-5)
+    assert run_losses(tmp_path / "resumed")[0] == pytest.approx(train_b[2:], rel=1e-5)
     from moekit.cli import main
 
     assert main(["generate", "--ckpt", str(tmp_path / "pp"), "--device", "cpu", "--max-new-tokens", "4", "def"]) == 0

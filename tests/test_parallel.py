@@ -4,7 +4,6 @@ the same losses and gradients as one process on the same global batch."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,16 +14,11 @@ from moekit.config import ModelConfig
 from moekit.errors import ConfigError
 from moekit.model.transformer import build_model
 from moekit.parallel.mesh import ParallelDims
+from tests.dist_helpers import free_port, run_config_toml, run_losses
 
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=64, n_experts=4,
                   top_k=2, max_seq_len=32, balance_loss_coef=0.0, z_loss_coef=0.0, expert_impl="loop")
 STEPS, B, T = 3, 2, 16  # per-rank micro-batch of B sequences
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches(world: int):
@@ -93,7 +87,7 @@ def _worker(rank: int, world: int, port: int, mode: str, out: dict):
 def _run(mode: str, world: int):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), mode, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), mode, out), nprocs=world, join=True)
         return dict(out)
 
 
@@ -133,75 +127,28 @@ def test_parallel_dims_are_validated():
         ParallelDims(dp=0).validate(0)
 
 
-def _run_config_toml(tmp_path, name: str, dp: int, micro_batch: int, ep: int = 1) -> str:
-    # the validation set holds eval_batches x micro_batch sequences: keep it the same size
-    eval_batches = 16 // micro_batch
-    cache = tmp_path / "cache"
-    text = f"""
-[model]
-vocab_size = 512
-d_model = 32
-n_layers = 2
-n_heads = 2
-n_kv_heads = 1
-ffn_dim = 64
-n_experts = 4
-top_k = 2
-max_seq_len = 64
-expert_impl = "loop"
-balance_loss_coef = 0.0
-z_loss_coef = 0.0
-[train]
-out_dir = "{tmp_path / name}"
-steps = 4
-seq_len = 32
-micro_batch = {micro_batch}
-eval_batches = {eval_batches}
-eval_every = 2
-ckpt_every = 2
-warmup_steps = 1
-sample_tokens = 0
-device = "cpu"
-threads = 1
-dp = {dp}
-ep = {ep}
-[data]
-max_docs = 12
-max_doc_chars = 3000
-val_docs = 3
-cache_dir = "{cache}"
-"""
-    path = tmp_path / f"{name}.toml"
-    path.write_text(text)
-    return str(path)
-
-
 @pytest.mark.parametrize("mode", ["dp", "ep"])
 def test_torchrun_training_matches_one_process(tmp_path, mode):
     """`torchrun --nproc-per-node 2 -m moekit train` with --dp 2 (FSDP) or --ep 2 (experts split
     over the ranks), 2 sequences per rank, and one process with 4 sequences see the same global
     batches: same losses, and the checkpoint holds full tensors. (The balance and z losses are
     computed per rank, so they are off here.)"""
-    import json
     import subprocess
     import sys
 
     from moekit.train.checkpoint import list_checkpoints, verify
 
-    single = _run_config_toml(tmp_path, "single", dp=1, micro_batch=4)
+    single = run_config_toml(tmp_path, "single", dp=1, ep=1)
     subprocess.run([sys.executable, "-m", "moekit", "train", "--config", single], check=True, capture_output=True)
-    dp2 = _run_config_toml(tmp_path, "dp2", dp=2 if mode == "dp" else 1, micro_batch=2, ep=2 if mode == "ep" else 1)
+    dp2 = run_config_toml(tmp_path, "dp2", micro_batch=2, dp=2 if mode == "dp" else 1, ep=2 if mode == "ep" else 1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", str(_free_port()), "-m", "moekit", "train", "--config", dp2],
+                        "--master-port", str(free_port()), "-m", "moekit", "train", "--config", dp2],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
 
-    def losses(run):
-        recs = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        return [x["loss"] for x in recs if "loss" in x], [x["val/code"] for x in recs if "val/code" in x]
 
-    (train_a, val_a), (train_b, val_b) = losses("single"), losses("dp2")
+    (train_a, val_a), (train_b, val_b) = run_losses(tmp_path / "single"), run_losses(tmp_path / "dp2")
     assert len(train_b) == 4
     assert train_b == pytest.approx(train_a, rel=1e-4)
     assert val_b == pytest.approx(val_a, rel=1e-4)
@@ -220,7 +167,7 @@ def test_torchrun_training_matches_one_process(tmp_path, mode):
 
     shutil.copytree(ckpts[0], tmp_path / "resumed" / ckpts[0].name)
     train_main(None, resume=str(tmp_path / "resumed"), progress=False, layout={"dp": 1, "ep": 1})
-    assert losses("resumed")[0] == pytest.approx(train_b[2:], rel=1e-4)
+    assert run_losses(tmp_path / "resumed")[0] == pytest.approx(train_b[2:], rel=1e-4)
     lr = 3e-3  # TrainConfig's default
     for k in a:  # full, unsharded tensors of the same shape and values
         assert b[k].shape == a[k].shape
@@ -232,7 +179,7 @@ def test_torchrun_training_matches_one_process(tmp_path, mode):
 def test_train_rejects_a_layout_that_does_not_match_the_launch(tmp_path, capsys):
     from moekit.cli import main
 
-    cfg = _run_config_toml(tmp_path, "bad", dp=2, micro_batch=2)
+    cfg = run_config_toml(tmp_path, "bad", micro_batch=2, dp=2, ep=1)
     assert main(["train", "--config", cfg]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "2 x 1 x 1 x 1 = 2" in err[0] and "1 processes" in err[0]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 
 import pytest
 import torch
@@ -17,18 +16,13 @@ from moekit.config import ModelConfig
 from moekit.errors import ConfigError
 from moekit.model.transformer import build_model
 from moekit.parallel.mesh import ParallelDims
+from tests.dist_helpers import free_port
 
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=4, n_heads=4, n_kv_heads=1, ffn_dim=64, n_experts=4,
                   top_k=2, max_seq_len=32, balance_loss_coef=0.05, z_loss_coef=0.01, expert_impl="loop")
 STEPS, ACCUM, B, T = 3, 2, 8, 16  # per optimizer step: ACCUM batches of B sequences
 N_MB = 4  # pipeline micro-batches of B / N_MB sequences (per data-parallel replica: fewer)
 CLIP = 0.5  # below the first steps' gradient norm: clipping acts
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches():
@@ -108,7 +102,7 @@ def _runs(world: int) -> dict:
     if world not in _RUNS:
         with mp.Manager() as manager:
             out = manager.dict()
-            mp.spawn(_worker, args=(world, _free_port(), CASES[world], out), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, free_port(), CASES[world], out), nprocs=world, join=True)
             _RUNS[world] = dict(out)
     return _RUNS[world]
 

@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 from moekit.errors import ConfigError
 from moekit.model.transformer import build_model
 from moekit.parallel.mesh import ParallelDims
-from tests.test_parallel import CFG, B, _batches, _free_port
+from tests.dist_helpers import free_port, run_config_toml, run_losses
+from tests.test_parallel import CFG, B, _batches
 
 # multi-query attention (one K/V head: wk, wv stay replicated under tp) with router aux losses,
 # which tp keeps exact because every tp rank routes the same tokens
@@ -109,7 +110,7 @@ def _run(dims: dict, cfg) -> dict:
     world = dims.get("dp", 1) * dims.get("ep", 1) * dims.get("tp", 1)
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), dims, cfg, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), dims, cfg, out), nprocs=world, join=True)
         return dict(out)
 
 
@@ -171,7 +172,6 @@ def test_trainer_with_tensor_parallelism_matches_one_process(tmp_path):
     """The trainer at --tp 2 (both ranks read the same batches) against one process: same losses
     and validation losses, a checkpoint of full tensors, and a resume of that checkpoint in one
     process continues with the same losses."""
-    import json
     import shutil
 
     from safetensors.torch import load_file
@@ -179,18 +179,14 @@ def test_trainer_with_tensor_parallelism_matches_one_process(tmp_path):
     from moekit.config import load_toml
     from moekit.train.checkpoint import list_checkpoints
     from moekit.train.trainer import train_main
-    from tests.test_parallel import _run_config_toml
 
-    train_main(load_toml(_run_config_toml(tmp_path, "single", dp=1, micro_batch=4)), progress=False)
-    cfg = load_toml(_run_config_toml(tmp_path, "tp2", dp=1, micro_batch=4))
+    train_main(load_toml(run_config_toml(tmp_path, "single")), progress=False)
+    cfg = load_toml(run_config_toml(tmp_path, "tp2"))
     cfg.train.tp = 2
-    mp.spawn(_train_worker, args=(2, _free_port(), cfg), nprocs=2, join=True)
+    mp.spawn(_train_worker, args=(2, free_port(), cfg), nprocs=2, join=True)
 
-    def metrics(run):
-        recs = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        return [x["loss"] for x in recs if "loss" in x], [x["val/code"] for x in recs if "val/code" in x]
 
-    (train_a, val_a), (train_b, val_b) = metrics("single"), metrics("tp2")
+    (train_a, val_a), (train_b, val_b) = run_losses(tmp_path / "single"), run_losses(tmp_path / "tp2")
     assert len(train_b) == 4
     assert train_b == pytest.approx(train_a, rel=1e-4)
     assert val_b == pytest.approx(val_a, rel=1e-4)
@@ -205,4 +201,4 @@ def test_trainer_with_tensor_parallelism_matches_one_process(tmp_path):
     # the --tp 2 checkpoint (model and optimizer state) continues in one process
     shutil.copytree(ckpts[0], tmp_path / "resumed" / ckpts[0].name)
     train_main(None, resume=str(tmp_path / "resumed"), progress=False, layout={"tp": 1})
-    assert metrics("resumed")[0] == pytest.approx(train_b[2:], rel=1e-4)
+    assert run_losses(tmp_path / "resumed")[0] == pytest.approx(train_b[2:], rel=1e-4)
