@@ -45,6 +45,23 @@ def timed(engine: Engine, prompts, params, k: int) -> tuple[float, list[list[int
     return sum(len(o.output_token_ids) for o in outs) / dt, [o.output_token_ids for o in outs]
 
 
+def graph_ms(runner, rows: int, iters: int = 50) -> float | None:
+    """Mean time of one replay of the runner's decode graph for `rows` rows (CUDA events)."""
+    sizes = [b for b in runner.graphs if b >= rows]
+    if not torch.cuda.is_available() or not sizes:
+        return None
+    g, _ = runner.graphs[min(sizes)]
+    for _ in range(5):
+        g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", required=True)
@@ -70,7 +87,10 @@ def main():
         spec_engine = Engine(target, tok, cfg, draft=draft)
         spec_tps, spec_out = timed(spec_engine, prompts, params, args.k)
         st = spec_engine.spec.stats
-        rows.append({"batch": b, "tok_s": base_tps, "tok_s_speculative": spec_tps, "speedup": spec_tps / base_tps,
+        k1 = b * (args.k + 1)
+        graphs = {"target_step_ms": graph_ms(spec_engine.runner, b), f"target_verify_{k1}_rows_ms": graph_ms(spec_engine.runner, k1),
+                  "draft_step_ms": graph_ms(spec_engine.spec.runner, b)}
+        rows.append({**graphs, "batch": b, "tok_s": base_tps, "tok_s_speculative": spec_tps, "speedup": spec_tps / base_tps,
                      "identical_greedy": spec_out == base_out, "acceptance_rate": st.acceptance_rate,
                      "mean_accepted_length": st.mean_accepted_length, "accepted_at_position": st.accepted_at})
         print(rows[-1], flush=True)

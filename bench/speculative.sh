@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Speculative decoding on one GPU: train a bench-1b target on the bundled corpus, distil the draft
-# preset from it, then decode with and without speculation at batch 1, 8 and 32 (bench/speculative.py).
+# Speculative decoding on one GPU: train a bench-1b target on the bundled corpus, distil the
+# bench-draft preset from it, then decode with and without speculation at batch 1, 8 and 32
+# (bench/speculative.py).
 #
-#   bash bench/speculative.sh [TARGET_STEPS] [DRAFT_STEPS]
+#   bash bench/speculative.sh [TARGET_STEPS] [DRAFT_STEPS] [K]
 set -euo pipefail
-TSTEPS=${1:-600}
-DSTEPS=${2:-400}
+TSTEPS=${1:-1200}
+DSTEPS=${2:-1000}
+K=${3:-4}
 RUNS=${RUNS:-runs}
 MOEKIT=${MOEKIT:-python -m moekit}
 $MOEKIT train --preset bench-1b --steps "$TSTEPS" --eval-every 100000 --ckpt-every 100000 --out-dir "$RUNS/spec-target"
-$MOEKIT train --preset draft --distill-from "$RUNS/spec-target" --steps "$DSTEPS" --device cuda \
+$MOEKIT train --preset bench-draft --distill-from "$RUNS/spec-target" --steps "$DSTEPS" --device cuda \
     --eval-every 100000 --ckpt-every 100000 --out-dir "$RUNS/spec-draft"
-python bench/speculative.py --target "$RUNS/spec-target" --draft "$RUNS/spec-draft" --k 4 --new-tokens 128 \
+python bench/speculative.py --target "$RUNS/spec-target" --draft "$RUNS/spec-draft" --k "$K" --new-tokens 128 \
     --batches 1,8,32 --kv-budget 4GiB

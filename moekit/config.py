@@ -198,10 +198,13 @@ PRESETS: dict[str, ModelConfig] = {
                         ffn_dim=256, n_experts=8, top_k=2, max_seq_len=1024),
     "small": ModelConfig(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=1,
                          ffn_dim=1024, n_experts=8, top_k=2, max_seq_len=2048),
-    # the GPU benchmark model: 1.21B total / 0.35B active
     # a draft for speculative decoding of the tiny model (same vocabulary)
     "draft": ModelConfig(vocab_size=2048, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1,
                          ffn_dim=128, n_experts=4, top_k=2, max_seq_len=1024),
+    # a draft for bench-1b (--distill-from sets the vocabulary): 4 layers, ~1/20 of its active bytes
+    "bench-draft": ModelConfig(vocab_size=32000, d_model=512, n_layers=4, n_heads=8, n_kv_heads=1,
+                               ffn_dim=1024, n_experts=4, top_k=2, max_seq_len=4096),
+    # the GPU benchmark model: 1.21B total / 0.35B active
     "bench-1b": ModelConfig(vocab_size=32000, d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4,
                             ffn_dim=2816, n_experts=8, top_k=2, max_seq_len=4096),
     # Mixtral-shaped decode benchmark: 4.7B total / 1.34B active
@@ -233,6 +236,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "draft": dict(out_dir="runs/draft", steps=400, seq_len=256, micro_batch=8, lr=3e-3, min_lr=3e-4,
                   warmup_steps=20, eval_every=100, ckpt_every=200),
     "small": dict(out_dir="runs/small", steps=2000, seq_len=512, micro_batch=16, lr=1e-3),
+    "bench-draft": dict(out_dir="runs/bench-draft", steps=1000, seq_len=2048, micro_batch=8, lr=2e-3, min_lr=2e-4,
+                        warmup_steps=50),
     "bench-1b": dict(out_dir="runs/bench-1b", steps=2000, seq_len=2048, micro_batch=8, lr=6e-4,
                      min_lr=6e-5, warmup_steps=100, compile=True),
 }

@@ -623,8 +623,8 @@ def test_non_integer_token_ids_are_rejected():
 def test_graph_path_does_not_sample_mid_prompt_chunks():
     """With a small token budget a prompt can get a one-token chunk that is not its last while
     every item of the step has one token, so the step takes the CUDA-graph path: only requests
-    whose chunk ends their tokens may sample. The graph replay is emulated on CPU by the same
-    per-row forward (the row -> sample bookkeeping is under test); outputs equal the packed path's."""
+    whose chunk ends their tokens may sample. Off the GPU the graph path runs its static step
+    eagerly (staged inputs, padded buckets); outputs equal the packed path's."""
     model = get_model()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]]
     params = SamplingParams(max_tokens=4, temperature=0)
@@ -634,6 +634,24 @@ def test_graph_path_does_not_sample_mid_prompt_chunks():
     eng = Engine(model, None, EngineConfig(**cfg))
     runner = eng.runner
     runner.graph_sizes = [1, 2, 4]  # as on GPU with cuda_graphs
-    runner.decode_rows = lambda rows: runner.forward_chunks([(r, p, [t]) for r, p, t in rows])
     out = eng.generate(prompts, params)
+    assert runner.graphs  # the graph path ran
     assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]
+
+
+def test_graph_path_equals_packed_path_for_many_requests():
+    """The static decode step (one staged int32 row per request, padded to a bucket, unpacked
+    inside the step) gives the packed path's greedy tokens for requests of different lengths
+    joining and leaving, including rows whose buckets were last used by longer requests."""
+    model = get_model()
+    prompts = [[1 + i] * (2 + 3 * i) for i in range(7)]
+    params = [SamplingParams(max_tokens=3 + 2 * (i % 4), temperature=0) for i in range(7)]
+    cfg = dict(kv_budget="1MiB", block_size=4, max_num_seqs=5)
+    ref = Engine(model, None, EngineConfig(**cfg)).generate(prompts, params)
+    eng = Engine(model, None, EngineConfig(**cfg))
+    eng.runner.graph_sizes = [1, 2, 4, 8]
+    out = eng.generate(prompts, params)
+    assert sorted(eng.runner.graphs) == [1, 2, 4, 8]
+    assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]
+    assert [o.output_token_ids for o in out] == [greedy_reference(model, p, sp.max_tokens)
+                                                 for p, sp in zip(prompts, params)]

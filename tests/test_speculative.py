@@ -53,6 +53,22 @@ def test_greedy_output_is_identical_with_speculation(draft_kind, budget):
         assert stats["preemptions"] > 0
 
 
+@pytest.mark.parametrize("budget", ["1MiB", "40KiB"])
+def test_greedy_speculation_on_the_graph_path(budget):
+    """The decode-graph path (run eagerly off the GPU): proposals fed back on the device, one
+    verification of k + 1 rows per request; greedy output identical, no blocks left behind."""
+    target, small = _models()
+    prompts, params = _prompts(), SamplingParams(max_tokens=25, temperature=0)
+    ref = Engine(target, None, EngineConfig(kv_budget="1MiB", block_size=4)).generate(prompts, params)
+    eng = Engine(target, None, EngineConfig(kv_budget=budget, block_size=4, num_speculative_tokens=3,
+                                            max_num_seqs=6), draft=small)
+    eng.runner.graph_sizes = eng.spec.runner.graph_sizes = [1, 2, 4, 8, 16, 32]
+    outs = eng.generate(prompts, params)
+    assert [o.output_token_ids for o in outs] == [o.output_token_ids for o in ref]
+    assert eng.spec.stats.steps > 0 and eng.spec.runner.graphs and max(eng.runner.graphs) >= 16
+    assert eng.stats()["kv_blocks_used"] == 0
+
+
 def test_speculation_switches_off_above_its_batch_size():
     target, small = _models()
     eng = Engine(target, None, EngineConfig(kv_budget="1MiB", block_size=4, speculative_max_batch=2), draft=small)

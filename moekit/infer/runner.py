@@ -103,27 +103,35 @@ class ModelRunner:
         return out.logits[0]
 
     # -- CUDA graphs for pure-decode steps ---------------------------------------------------
+    # A graph's inputs travel in one int32 row per request, [token, position, slot, context
+    # length, block table...], copied to the GPU in one transfer from a pinned buffer; the graph
+    # itself unpacks them.
+    _META = 4
+
     def _graph_inputs(self, b: int) -> dict:
-        dev = self.device
-        return {"ids": torch.zeros(1, b, dtype=torch.long, device=dev),
-                "pos": torch.zeros(1, b, dtype=torch.long, device=dev),
-                "slots": torch.zeros(b, dtype=torch.long, device=dev),
-                "tables": torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev),
-                "lens": torch.ones(b, dtype=torch.int32, device=dev)}
+        stage = torch.zeros(b, self._META + self.max_blocks, dtype=torch.int32, device=self.device)
+        stage[:, 3] = 1  # padding rows: token 0 at position 0 into the scratch block 0, one position
+        return {"stage": stage}
 
     def _run_static(self, buf: dict) -> torch.Tensor:
-        b = buf["ids"].shape[1]
+        stage = buf["stage"]
+        b = stage.shape[0]
+        ids, pos, slots = stage[:, :3].t().long().contiguous()
+        lens, tables = stage[:, 3].contiguous(), stage[:, self._META:]  # tables: rows strided
         if self.fused is not None and b <= FUSED_MAX_BATCH:
-            return self.fused(buf["ids"][0], buf["pos"][0], buf["slots"], buf["tables"], buf["lens"])
-        meta = AttentionMetadata(slot_mapping=buf["slots"], num_decode=b, block_tables=buf["tables"],
-                                 context_lens=buf["lens"], prefills=[], max_context=self.max_blocks * self.block_size)
-        return self.decode_forward(buf["ids"], caches=self._layers(meta), positions=buf["pos"]).logits[0]
+            return self.fused(ids, pos, slots, tables, lens)
+        meta = AttentionMetadata(slot_mapping=slots, num_decode=b, block_tables=tables, context_lens=lens,
+                                 prefills=[], max_context=self.max_blocks * self.block_size)
+        return self.decode_forward(ids[None], caches=self._layers(meta), positions=pos[None]).logits[0]
 
     @torch.inference_mode()
     def capture_graph(self, b: int) -> None:
         """Capture the decode step for batch size b (on first use; all sizes share one memory
-        pool). Padding rows write to the reserved scratch block 0 and attend to one position."""
+        pool). Off the GPU the 'graph' runs the same static step eagerly (tests use it)."""
         buf = self._graph_inputs(b)
+        if self.device.type != "cuda":
+            self.graphs[b] = (_EagerGraph(lambda: buf.__setitem__("logits", self._run_static(buf))), buf)
+            return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -145,14 +153,32 @@ class ModelRunner:
             logits = logits[ends]
         return logits, [items[i][0] for i in ends]
 
+    def _host_stage(self, b: int) -> torch.Tensor:
+        """A pinned host buffer for the next transfer; the one used _STAGES transfers ago is
+        reused once its copy has completed."""
+        if not hasattr(self, "_stages"):
+            pin = self.device.type == "cuda"
+            self._stages = [torch.zeros(self.graph_sizes[-1], self._META + self.max_blocks, dtype=torch.int32,
+                                        pin_memory=pin) for _ in range(_STAGES)]
+            self._stage_events = [None] * _STAGES
+            self._stage_i = 0
+        i = self._stage_i = (self._stage_i + 1) % _STAGES
+        if self._stage_events[i] is not None:
+            self._stage_events[i].synchronize()
+        return self._stages[i][:b]
+
     @torch.inference_mode()
-    def decode_rows(self, rows: list[tuple[Request, int, int]]) -> torch.Tensor:
+    def decode_rows(self, rows: list[tuple[Request, int, int | None]], tokens: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """One token per row: (request, position, token id); several rows of one request at
         consecutive positions see each other causally (every row's K/V is stored before any row
-        attends). Returns logits [len(rows), vocab]: a replayed CUDA graph where one fits, else
-        the packed forward."""
+        attends). tokens: [len(rows)] token ids on the device, used instead of the rows' ids (they
+        are then None), so a caller can feed back tokens it has not read. Returns logits
+        [len(rows), vocab]: a replayed CUDA graph where one fits, else the packed forward."""
         n = len(rows)
         if not self.graph_sizes or n > self.graph_sizes[-1]:
+            if tokens is not None:
+                rows = [(r, p, t) for (r, p, _), t in zip(rows, tokens.tolist())]
             chunks: list[tuple[Request, int, list[int]]] = []
             for req, p, tok in rows:  # consecutive rows of one request form one chunk
                 if chunks and chunks[-1][0] is req and chunks[-1][1] + len(chunks[-1][2]) == p:
@@ -164,18 +190,30 @@ class ModelRunner:
         if b not in self.graphs:
             self.capture_graph(b)
         g, buf = self.graphs[b]
-        packed = [[0, 0, 0]] * b  # padding rows: token 0 at position 0 into the scratch block 0
-        lens = [1] * b
-        tables = [[0] * self.max_blocks for _ in range(b)]
+        host = self._host_stage(b)
+        h = host.numpy()
+        bs = self.block_size
         for i, (req, p, tok) in enumerate(rows):
-            packed[i] = [tok, p, self._slots(req, p, 1)[0]]
-            lens[i] = p + 1
-            tables[i][:len(req.blocks)] = req.blocks
-        ids_pos_slots = torch.tensor(packed, dtype=torch.long).t()  # [3, b]
-        buf["ids"][0].copy_(ids_pos_slots[0], non_blocking=True)
-        buf["pos"][0].copy_(ids_pos_slots[1], non_blocking=True)
-        buf["slots"].copy_(ids_pos_slots[2], non_blocking=True)
-        buf["tables"].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
-        buf["lens"].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+            blocks = req.blocks
+            h[i, :4] = (tok or 0, p, blocks[p // bs] * bs + p % bs, p + 1)
+            h[i, 4:4 + len(blocks)] = blocks  # entries past the context length are never read
+        h[n:, :4] = (0, 0, 0, 1)
+        stage = buf["stage"]
+        stage.copy_(host, non_blocking=True)
+        if tokens is not None:
+            stage[:n, 0].copy_(tokens)
+        if self.device.type == "cuda":
+            ev = self._stage_events[self._stage_i] = torch.cuda.Event()
+            ev.record()
         g.replay()
         return buf["logits"][:n]
+
+
+_STAGES = 4  # pinned host buffers in flight
+
+
+class _EagerGraph:
+    """Stands in for a CUDA graph off the GPU: replay runs the captured step eagerly."""
+
+    def __init__(self, fn):
+        self.replay = fn

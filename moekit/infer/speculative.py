@@ -108,25 +108,62 @@ class SpeculativeDecoder:
             self.runner.forward_chunks(chunks, last_of=[False] * len(chunks))
 
     # -- one speculative step ----------------------------------------------------------------
-    def step(self, target: ModelRunner, reqs: list[Request]) -> dict[str, list[int]] | None:
-        """Tokens to emit per request id, or None when blocks for the lookahead are short (the
-        caller runs a normal step instead)."""
+    def _reserve(self, reqs: list[Request]) -> bool:
+        """Blocks for k + 1 more positions of every request (False when they are short)."""
         k, bs = self.k, self.block_size
         if any(r.num_tokens + k + 1 > self.max_model_len for r in reqs):
-            return None
+            return False
         need = [max(0, math.ceil((r.num_computed + k + 1) / bs) - len(r.blocks)) for r in reqs]
         if sum(need) > self.allocator.num_free:
-            return None
+            return False
         for r, n in zip(reqs, need):
             r.blocks += self.allocator.allocate(n)
+        return True
 
-        # 1. the draft catches up to the last sampled token and proposes k tokens
-        proposals = [[] for _ in reqs]
-        q_dists = [[] for _ in reqs]
+    def _catch_up_rows(self, reqs: list[Request]) -> tuple[list, list[int]]:
+        """The draft's rows up to each request's last token, and the index of each last row."""
         rows, last = [], []
         for r in reqs:
             rows += [(r, p, r.all_ids[p]) for p in range(self._draft_start(r), r.num_tokens)]
             last.append(len(rows) - 1)
+        return rows, last
+
+    def _commit(self, reqs: list[Request], emitted: list[list[int]]) -> dict[str, list[int]]:
+        """Count acceptance, advance the requests past the accepted proposals and roll back the
+        K/V blocks of rejected positions."""
+        k, bs = self.k, self.block_size
+        out = {}
+        for r, em in zip(reqs, emitted):
+            a = len(em) - 1
+            for j in range(a):
+                self.stats.accepted_at[j] += 1
+            self.stats.proposed += k
+            self.stats.accepted += a
+            # K/V are valid for the last token and the accepted proposals; the rest is rolled back
+            old = r.num_computed
+            r.num_computed += 1 + a
+            # the draft holds the last token and proposals up to the (k-1)-th, valid while they match
+            r.extra["draft_computed"] = min(r.num_computed, old + k)
+            keep = math.ceil((r.num_computed + 1) / bs)
+            if len(r.blocks) > keep:
+                self.allocator.free(r.blocks[keep:])
+                r.blocks = r.blocks[:keep]
+            out[r.id] = em
+        self.stats.steps += 1
+        return out
+
+    def step(self, target: ModelRunner, reqs: list[Request]) -> dict[str, list[int]] | None:
+        """Tokens to emit per request id, or None when blocks for the lookahead are short (the
+        caller runs a normal step instead)."""
+        if not self._reserve(reqs):
+            return None
+        if all(r.params.temperature == 0 for r in reqs):
+            return self._commit(reqs, self._greedy(target, reqs))
+        k = self.k
+        # 1. the draft catches up to the last sampled token and proposes k tokens
+        proposals = [[] for _ in reqs]
+        q_dists = [[] for _ in reqs]
+        rows, last = self._catch_up_rows(reqs)
         logits = self.runner.decode_rows(rows)[last]  # [B, V]
         for j in range(k):
             for i, r in enumerate(reqs):
@@ -143,25 +180,31 @@ class SpeculativeDecoder:
         p_logits = target.decode_rows(rows).view(len(reqs), k + 1, -1)
 
         # 3. accept or reject, request by request
-        out: dict[str, list[int]] = {}
+        emitted = []
         for i, r in enumerate(reqs):
             gen = r.extra.get("generator") or self.shared
             p_all = distribution(p_logits[i], r.params)  # [k + 1, V]
-            emitted = accept(proposals[i], torch.stack(q_dists[i]), p_all, gen)
-            a = len(emitted) - 1
-            for j in range(a):
-                self.stats.accepted_at[j] += 1
-            self.stats.proposed += k
-            self.stats.accepted += a
-            # K/V are valid for the last token and the accepted proposals; the rest is rolled back
-            old = r.num_computed
-            r.num_computed += 1 + a
-            # the draft holds the last token and proposals up to the (k-1)-th, valid while they match
-            r.extra["draft_computed"] = min(r.num_computed, old + k)
-            keep = math.ceil((r.num_computed + 1) / bs)
-            if len(r.blocks) > keep:
-                self.allocator.free(r.blocks[keep:])
-                r.blocks = r.blocks[:keep]
-            out[r.id] = emitted
-        self.stats.steps += 1
-        return out
+            emitted.append(accept(proposals[i], torch.stack(q_dists[i]), p_all, gen))
+        return self._commit(reqs, emitted)
+
+    def _greedy(self, target: ModelRunner, reqs: list[Request]) -> list[list[int]]:
+        """All requests greedy: proposals are the draft's argmax tokens and stay on the device
+        (each draft step feeds the last one's tokens back without reading them); the target's
+        argmax decides, and the host reads once per step. Emitted: the target's tokens up to and
+        including its first disagreement with the draft (all k + 1 when none)."""
+        k, B = self.k, len(reqs)
+        rows, last = self._catch_up_rows(reqs)
+        tok = self.runner.decode_rows(rows)[last].argmax(-1)  # [B]
+        proposals = [tok]
+        for j in range(1, k):
+            rows = [(r, r.num_tokens + j - 1, None) for r in reqs]
+            tok = self.runner.decode_rows(rows, tokens=tok).argmax(-1)
+            proposals.append(tok)
+        props = torch.stack(proposals, 1)  # [B, k]
+        last_tok = torch.tensor([r.all_ids[-1] for r in reqs], device=props.device)
+        tokens = torch.cat([last_tok[:, None], props], 1).view(-1)  # [B * (k + 1)]
+        rows = [(r, r.num_computed + j, None) for r in reqs for j in range(k + 1)]
+        best = target.decode_rows(rows, tokens=tokens).view(B, k + 1, -1).argmax(-1)  # [B, k + 1]
+        agree = (best[:, :k] == props).int().cumprod(1).sum(1)  # accepted proposals per request
+        host = torch.cat([best, agree[:, None]], 1).tolist()
+        return [row[:row[-1] + 1] for row in host]

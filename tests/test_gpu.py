@@ -1,0 +1,51 @@
+"""The GPU decode paths (CUDA graphs, staged graph inputs, the fused Triton step, speculative
+decoding on graphs) against the packed model path, float32, on a CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.config import ModelConfig
+from moekit.infer.engine import Engine, EngineConfig
+from moekit.infer.sampling import SamplingParams
+from moekit.model.transformer import build_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CFG = dict(vocab_size=96, d_model=128, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=192, n_experts=4, top_k=2,
+           max_seq_len=256, init_std=0.2)
+
+
+def _model(seed: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(**{**CFG, **kw}))
+    model.init_weights(seed=seed)
+    return model.cuda().eval()
+
+
+def _prompts(n: int = 10) -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 96, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _run(model, prompts, params, draft=None, **cfg) -> list[list[int]]:
+    eng = Engine(model, None, EngineConfig(kv_budget="64MiB", block_size=16, **cfg), draft=draft)
+    return [o.output_token_ids for o in eng.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_graph_decode_matches_packed_path(fused):
+    model = _model()
+    prompts, params = _prompts(), SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    ref = _run(model, prompts, params, cuda_graphs=False)
+    assert _run(model, prompts, params, cuda_graphs=True, fused_decode=fused, max_num_seqs=4) == ref
+    assert _run(model, prompts[:1], params, cuda_graphs=True, fused_decode=fused) == ref[:1]
+
+
+def test_speculative_greedy_on_graphs_matches_target_alone():
+    target, draft = _model(), _model(seed=1, n_layers=1)
+    prompts, params = _prompts(6), SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    ref = _run(target, prompts, params, cuda_graphs=False)
+    assert _run(target, prompts, params, draft=draft, num_speculative_tokens=3) == ref
