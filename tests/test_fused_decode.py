@@ -85,8 +85,33 @@ def test_norm_linear_against_float64(use_dot):
     torch.testing.assert_close(norm_linear(x, w, gamma, use_dot=use_dot).double(), normed @ w.double().T, rtol=1e-4, atol=1e-4)
     acc = torch.randn(3, 50, generator=g)
     expect = acc.double() + xd @ w.double().T
-    norm_linear(x, w, out=acc, accumulate=True, use_dot=use_dot)  # split over K: the partial sums are added atomically
+    norm_linear(x, w, out=acc, accumulate=True, use_dot=use_dot)
     torch.testing.assert_close(acc.double(), expect, rtol=1e-4, atol=1e-4)
+
+
+def test_a_rows_logits_do_not_depend_on_the_batch():
+    """Batch invariance: a request's logits and K/V are the same bits decoded alone or among
+    other rows (what makes speculative verification reproduce one-row decoding exactly)."""
+    model = _model()
+    kv = PagedKVCache(model.cfg, num_blocks=20, block_size=BS, device="cpu", dtype=torch.float32)
+    runner = ModelRunner(model, kv, max_model_len=64, max_num_seqs=4, cuda_graphs=False)
+    reqs = [SimpleNamespace(blocks=[1 + 4 * i + j for j in range(4)]) for i in range(3)]
+    lens = [6, 11, 3]
+    for r, L in zip(reqs, lens):
+        runner.forward_chunks([(r, 0, [(7 * L + i) % 80 for i in range(L)])])
+    fused = FusedDecoder(model, kv.k, kv.v)
+    tables = torch.tensor([r.blocks for r in reqs], dtype=torch.int32)
+
+    def step(idx):
+        return fused(torch.tensor([5 + i for i in idx]), torch.tensor([lens[i] for i in idx]),
+                     torch.tensor([reqs[i].blocks[lens[i] // BS] * BS + lens[i] % BS for i in idx]),
+                     tables[idx], torch.tensor([lens[i] + 1 for i in idx], dtype=torch.int32))
+
+    alone = step([0])
+    k_alone = kv.k.clone()
+    batched = step([2, 0, 1])
+    assert torch.equal(batched[1], alone[0])
+    assert torch.equal(kv.k[:, reqs[0].blocks[1]], k_alone[:, reqs[0].blocks[1]])
 
 
 def test_unsupported_models_are_named():

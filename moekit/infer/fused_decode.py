@@ -5,12 +5,15 @@ Per layer, with the residual stream kept in float32 [B, d]:
   1. RMSNorm + fused QKV projection                    (_norm_linear)
   2. rotary embedding of q and k; k, v into their slots  (_rope_store)
   3. paged attention                                     (triton_paged: split + merge)
-  4. output projection added into the residual           (_norm_linear, split-K, atomic add)
+  4. output projection added into the residual           (_norm_linear)
   5. RMSNorm + router + softmax + top-k (+ renormalise)  (_route)
   6. the chosen experts' gate and up projections, SiLU   (_expert_up)
-  7. the chosen experts' down projections, gate-weighted, added into the residual (_expert_down)
+  7. the chosen experts' down projections over shares of f (_expert_down), then gate-weighted
+     and added into the residual in a fixed order (_moe_combine)
 The final norm + LM head is kernel 1 again. Every kernel takes only device tensors and reads no
-value on the host, so the whole step is captured in one CUDA graph.
+value on the host, so the whole step is captured in one CUDA graph. No kernel adds atomically and
+each is tuned once per weight shape, not per batch: a row's logits are the same bits whatever
+else is in the batch (speculative verification of k + 1 rows reproduces one-row decoding).
 
 The plain model forward is the reference; tests hold the two equal (Triton's interpreter runs
 these kernels on CPU).
@@ -41,26 +44,21 @@ def _restore(*names):
 
 # -- 1/4: (RMSNorm +) linear, W in nn.Linear layout [N, K] -----------------------------------------
 @triton.jit
-def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob, TUNE_B,
+def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob,
                  NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM (which needs the
-    whole K range in one program). All rows of a BM block share each weight tile (tl.dot on rows
-    padded to BM). ACCUM adds into out (atomically when K is split over programs); otherwise out
-    is overwritten."""
-    tl.static_assert(not NORM or SPLIT_K == 1)  # the norm needs the whole row in one program
+                 BK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM. All rows of a BM
+    block share each weight tile (tl.dot on rows padded to BM). ACCUM adds into out; otherwise
+    out is overwritten. Each output is reduced over K in one program, in a fixed order."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < B
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < N
-    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
-    k_lo = pid_k * k_per
     acc = tl.zeros([BM, BN], tl.float32)
     ss = tl.zeros([BM], tl.float32)
-    for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
+    for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
         xk = tl.load(x_ptr + rows[:, None] * stride_xb + kk[None, :], mask=rmask[:, None] & kmask[None, :],
@@ -83,35 +81,21 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_w
     optr = out_ptr + rows[:, None] * stride_ob + n[None, :]
     omask = rmask[:, None] & nmask[None, :]
     if ACCUM:
-        if SPLIT_K > 1:
-            tl.atomic_add(optr, acc, mask=omask)
-        else:
-            tl.store(optr, tl.load(optr, mask=omask, other=0.0) + acc, mask=omask)
-    else:
-        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        acc += tl.load(optr, mask=omask, other=0.0)
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-def _linear_configs(split: bool):
-    """Tensor-core tiles (rows padded to 16) and register GEMV tiles (one row per program)."""
-    sks = (2, 4) if split else (1,)
-    dot = [triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk, "USE_DOT": True}, num_warps=4, num_stages=4)
-           for bn in (16, 32, 64) for bk in (128, 256) for sk in sks]
-    gemv = [triton.Config({"BM": 1, "BN": bn, "BK": bk, "SPLIT_K": sk, "USE_DOT": False}, num_warps=w, num_stages=4)
-            for bn, bk in ((8, 256), (16, 256), (32, 128), (16, 512)) for sk in sks for w in (4, 8)]
-    return dot + gemv
+def _linear_configs():
+    """Tensor-core tiles, rows padded to 16: a row's result does not depend on the other rows of
+    its tile, so one tuned tile per weight shape serves every batch size with the same numbers."""
+    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "USE_DOT": True}, num_warps=4, num_stages=4)
+            for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 16384]
 
 
-def _rows_prune(configs, named_args, **kwargs):
-    """One-row tiles re-read the weights for every row: several rows take tensor-core tiles."""
-    return configs if named_args["TUNE_B"] == 1 else [c for c in configs if c.kwargs["USE_DOT"]]
-
-
-# tuned once per weight shape for one row and once for several (TUNE_B), not per batch size: new
-# batch sizes (speculative verification) would otherwise stop the engine to re-tune
-_norm_linear_store = triton.autotune(_linear_configs(False), key=["TUNE_B", "K", "N"],
-                                     prune_configs_by={"early_config_prune": _rows_prune}, **_TUNE)(_norm_linear)
-_norm_linear_accum = triton.autotune(_linear_configs(True), key=["TUNE_B", "K", "N"], **_restore("out_ptr"),
-                                     prune_configs_by={"early_config_prune": _rows_prune}, **_TUNE)(_norm_linear)
+# tuned once per weight shape, not per batch size: the numbers of a row do not depend on the
+# batch (speculative verification of k + 1 rows reproduces one-row decoding exactly)
+_norm_linear_store = triton.autotune(_linear_configs(), key=["K", "N"], **_TUNE)(_norm_linear)
+_norm_linear_accum = triton.autotune(_linear_configs(), key=["K", "N"], **_restore("out_ptr"), **_TUNE)(_norm_linear)
 
 
 def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None, eps: float = 1e-5,
@@ -122,16 +106,14 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     N = w.shape[0]
     if out is None:
         out = torch.empty(B, N, device=x.device, dtype=w.dtype)
-    args = (x, g if g is not None else x, w, out, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0),
-            1 if B == 1 else 2)
+    args = (x, g if g is not None else x, w, out, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0))
     kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32)
     if _INTERPRET or not x.is_cuda:  # fixed tiles; on GPU the autotuner picks
         bm = 16 if use_dot else 1
-        _norm_linear[(triton.cdiv(B, bm), triton.cdiv(N, 32), 2 if accumulate else 1)](
-            *args, **kw, BM=bm, BN=32, BK=32, SPLIT_K=2 if accumulate else 1, USE_DOT=use_dot)
+        _norm_linear[(triton.cdiv(B, bm), triton.cdiv(N, 32))](*args, **kw, BM=bm, BN=32, BK=32, USE_DOT=use_dot)
     else:
         kern = _norm_linear_accum if accumulate else _norm_linear_store
-        kern[lambda m: (triton.cdiv(B, m["BM"]), triton.cdiv(N, m["BN"]), m["SPLIT_K"])](*args, **kw)
+        kern[lambda m: (triton.cdiv(B, m["BM"]), triton.cdiv(N, m["BN"]))](*args, **kw)
     return out
 
 
@@ -253,10 +235,10 @@ def _silu_mul(part_ptr, h_ptr, RF, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, out_ptr, F, D, stride_we, stride_ob,
-                 TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Program (assignment r, block of D, share of F): out[r // TOPK] += gate[r] h[r] @ w2[ids[r]],
-    added atomically (the K/F shares and the TOPK assignments of a row meet in out)."""
+def _expert_down(h_ptr, ids_ptr, w2_ptr, part_ptr, R, F, D, stride_we,
+                 BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Program (assignment r, block of D, share of F): part[share, r] = h[r] @ w2[ids[r]] over
+    its share of F."""
     r = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -273,8 +255,25 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, out_ptr, F, D, stride_we, st
         w = tl.load(w2_ptr + e * stride_we + kk[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
                     other=0.0)
         acc += hk[:, None] * w.to(tl.float32)
-    y = tl.sum(acc, 0) * tl.load(gates_ptr + r)
-    tl.atomic_add(out_ptr + (r // TOPK) * stride_ob + n, y, mask=nmask)
+    tl.store(part_ptr + (pid_k * R + r) * D + n, tl.sum(acc, 0), mask=nmask)
+
+
+@triton.jit
+def _moe_combine(part_ptr, gates_ptr, out_ptr, R, D, stride_ob, TOPK: tl.constexpr, SPLIT_K: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """out[b] += sum_j gate[b, j] sum_s part[s, b * TOPK + j], in this order (deterministic: the
+    same numbers whatever the batch)."""
+    b = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = n < D
+    y = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(TOPK):
+        t = tl.zeros([BLOCK], tl.float32)
+        for sk in tl.static_range(SPLIT_K):
+            t += tl.load(part_ptr + (sk * R + b * TOPK + j) * D + n, mask=mask, other=0.0)
+        y += t * tl.load(gates_ptr + b * TOPK + j)
+    optr = out_ptr + b * stride_ob + n
+    tl.store(optr, tl.load(optr, mask=mask, other=0.0) + y, mask=mask)
 
 
 def _up_configs():
@@ -288,7 +287,7 @@ def _down_configs():
 
 
 _expert_up_tuned = triton.autotune(_up_configs(), key=["K", "F"], **_TUNE)(_expert_up)  # one program row per assignment
-_expert_down_tuned = triton.autotune(_down_configs(), key=["F", "D"], **_restore("out_ptr"), **_TUNE)(_expert_down)
+_expert_down_tuned = triton.autotune(_down_configs(), key=["F", "D"], **_TUNE)(_expert_down)
 
 
 def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -313,11 +312,17 @@ def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: tor
     """h: [B * topk, F]; ids, gates: [B, topk]; w2: [E, F, D]; out [B, D] float32 += the gated sum."""
     B, topk = ids.shape
     F, D = w2.shape[1], w2.shape[2]
-    args = (h, ids, gates, w2, out, F, D, w2.stride(0), out.stride(0))
+    R = B * topk
+    part = torch.empty(32, R, D, device=h.device, dtype=torch.float32)  # room for the largest F split
+    args = (h, ids, w2, part, R, F, D, w2.stride(0))
     if _INTERPRET or not h.is_cuda:
-        _expert_down[(B * topk, triton.cdiv(D, 32), 2)](*args, TOPK=topk, BN=32, BK=32, SPLIT_K=2)
+        splits = 2
+        _expert_down[(R, triton.cdiv(D, 32), splits)](*args, BN=32, BK=32, SPLIT_K=splits)
     else:
-        _expert_down_tuned[lambda m: (B * topk, triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args, TOPK=topk)
+        _expert_down_tuned[lambda m: (R, triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args)
+        splits = _expert_down_tuned.best_config.kwargs["SPLIT_K"]
+    _moe_combine[(B, triton.cdiv(D, 1024))](part, gates, out, R, D, out.stride(0), TOPK=topk, SPLIT_K=splits,
+                                           BLOCK=1024)
 
 
 # -- the decode step -------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from moekit.infer.kv_cache import PagedKVCache
 from moekit.infer.paged_attention import AttentionMetadata, PagedAttentionLayer
 from moekit.infer.scheduler import Request, ScheduledBatch
 from moekit.model.transformer import Transformer
+from moekit.ops.experts import grouped_mm_runs
 
 GRAPH_BATCH_SIZES = (1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 128, 256)  # small sizes: speculative verify rows
 FUSED_MAX_BATCH = 8  # above this the grouped-GEMM model path reads each expert once for all its rows
@@ -40,6 +41,10 @@ class ModelRunner:
 
             if unsupported_reason(model) is None:
                 self.fused = FusedDecoder(model, kv.k, kv.v)
+        # the model path reads group sizes on the host unless torch._grouped_mm runs (bf16 on
+        # Hopper): then only the fused step's sizes can be captured
+        dtype = next(model.parameters()).dtype
+        self.model_path_capturable = self.device.type != "cuda" or grouped_mm_runs("cuda", dtype)
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
                                                         2 * len(GRAPH_BATCH_SIZES))
@@ -56,7 +61,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
         """Returns logits [n, vocab] for the requests whose computed tokens reach their end."""
         items = batch.items
-        if all(n == 1 for _, n in items) and self.graph_sizes and len(items) <= self.graph_sizes[-1]:
+        if all(n == 1 for _, n in items) and self._graph_fits(len(items)):
             return self._execute_graph(items)
         chunks = [(req, req.num_computed, req.all_ids[req.num_computed:req.num_computed + n]) for req, n in items]
         sample = [req for req, n in items if req.num_computed + n == req.num_tokens]
@@ -153,6 +158,12 @@ class ModelRunner:
             logits = logits[ends]
         return logits, [items[i][0] for i in ends]
 
+    def _graph_fits(self, n: int) -> bool:
+        """Whether n one-token rows replay a CUDA graph."""
+        if not self.graph_sizes or n > self.graph_sizes[-1]:
+            return False
+        return self.model_path_capturable or (self.fused is not None and n <= FUSED_MAX_BATCH)
+
     def _host_stage(self, b: int) -> torch.Tensor:
         """A pinned host buffer for the next transfer; the one used _STAGES transfers ago is
         reused once its copy has completed."""
@@ -176,7 +187,7 @@ class ModelRunner:
         are then None), so a caller can feed back tokens it has not read. Returns logits
         [len(rows), vocab]: a replayed CUDA graph where one fits, else the packed forward."""
         n = len(rows)
-        if not self.graph_sizes or n > self.graph_sizes[-1]:
+        if not self._graph_fits(n):
             if tokens is not None:
                 rows = [(r, p, t) for (r, p, _), t in zip(rows, tokens.tolist())]
             chunks: list[tuple[Request, int, list[int]]] = []

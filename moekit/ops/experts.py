@@ -33,7 +33,7 @@ def sort_by_expert(expert_idx: torch.Tensor, n_experts: int, keep: torch.Tensor 
 _RUNS: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
+def grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm exists for this device and dtype. On CUDA it needs Hopper or
     newer and bf16; elsewhere one tiny trial call decides (cached)."""
     key = (device_type, dtype)
@@ -56,7 +56,7 @@ def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """True when torch._grouped_mm runs for this device/dtype and the shapes meet its rule
     that every row stride is a multiple of 16 bytes."""
-    if not _grouped_mm_runs(x.device.type, x.dtype):
+    if not grouped_mm_runs(x.device.type, x.dtype):
         return False
     return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights))
 
