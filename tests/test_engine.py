@@ -650,8 +650,9 @@ def test_graph_path_equals_packed_path_for_many_requests():
     ref = Engine(model, None, EngineConfig(**cfg)).generate(prompts, params)
     eng = Engine(model, None, EngineConfig(**cfg))
     eng.runner.graph_sizes = [1, 2, 4, 8]
-    out = eng.generate(prompts, params)
+    eng.warmup()
     assert sorted(eng.runner.graphs) == [1, 2, 4, 8]
+    out = eng.generate(prompts, params)
     assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]
     assert [o.output_token_ids for o in out] == [greedy_reference(model, p, sp.max_tokens)
                                                  for p, sp in zip(prompts, params)]

@@ -138,6 +138,12 @@ class Engine:
         self.scheduler.finish(req, "abort")
         return True
 
+    def warmup(self) -> None:
+        """Capture the decode graphs of every batch size (the target's and the draft's) up front."""
+        self.runner.capture_all()
+        if self.spec is not None:
+            self.spec.runner.capture_all()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

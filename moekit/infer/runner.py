@@ -149,6 +149,13 @@ class ModelRunner:
         self.pool = g.pool()
         self.graphs[b] = (g, buf)
 
+    def capture_all(self) -> None:
+        """Capture every graph size now (compiling and tuning the kernels for each), so that no
+        request pays for a capture later."""
+        for b in self.graph_sizes:
+            if b not in self.graphs and self._graph_fits(b):
+                self.capture_graph(b)
+
     def _execute_graph(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
         rows = [(req, req.num_computed, req.all_ids[req.num_computed]) for req, _ in items]
         logits = self.decode_rows(rows)
