@@ -30,9 +30,12 @@ def _prompts(n: int = 10) -> list[list[int]]:
             for _ in range(n)]
 
 
-def _run(model, prompts, params, draft=None, **cfg) -> list[list[int]]:
+def _run(model, prompts, params, draft=None, graphs=None, **cfg) -> list[list[int]]:
     eng = Engine(model, None, EngineConfig(kv_budget="64MiB", block_size=16, **cfg), draft=draft)
-    return [o.output_token_ids for o in eng.generate(prompts, params)]
+    out = [o.output_token_ids for o in eng.generate(prompts, params)]
+    if graphs is not None:  # whether decode graphs were captured
+        assert bool(eng.runner.graphs) == graphs
+    return out
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -41,11 +44,12 @@ def test_graph_decode_matches_packed_path(fused):
     prompts, params = _prompts(), SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     ref = _run(model, prompts, params, cuda_graphs=False)
     assert _run(model, prompts, params, cuda_graphs=True, fused_decode=fused, max_num_seqs=4) == ref
-    assert _run(model, prompts[:1], params, cuda_graphs=True, fused_decode=fused) == ref[:1]
+    assert _run(model, prompts[:1], params, cuda_graphs=True, fused_decode=fused, graphs=fused) == ref[:1]
 
 
 def test_speculative_greedy_on_graphs_matches_target_alone():
     target, draft = _model(), _model(seed=1, n_layers=1)
     prompts, params = _prompts(6), SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     ref = _run(target, prompts, params, cuda_graphs=False)
-    assert _run(target, prompts, params, draft=draft, num_speculative_tokens=3) == ref
+    # two requests at a time: the 2 x 4 verification rows replay the fused step's graph
+    assert _run(target, prompts, params, draft=draft, num_speculative_tokens=3, max_num_seqs=2, graphs=True) == ref

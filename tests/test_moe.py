@@ -429,3 +429,14 @@ def test_inference_mode_routing_gives_the_same_output(capacity):
     with torch.inference_mode():
         out, stats = layer(x)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_grouped_path_decision():
+    """What decides whether an MoE forward reads group sizes on the host (and cannot be captured
+    in a CUDA graph): the loop implementation, or shapes that break grouped_mm's 16-byte rule."""
+    from moekit.ops.experts import grouped_mm_runs, grouped_path_taken
+
+    runs = grouped_mm_runs("cpu", torch.float32)
+    assert grouped_path_taken("cpu", torch.float32, 64, 128) == runs
+    assert not grouped_path_taken("cpu", torch.float32, 64, 128, impl="loop")
+    assert not grouped_path_taken("cpu", torch.float32, 64, 130)  # 520-byte rows: not a multiple of 16

@@ -13,7 +13,8 @@ Per layer, with the residual stream kept in float32 [B, d]:
 The final norm + LM head is kernel 1 again. Every kernel takes only device tensors and reads no
 value on the host, so the whole step is captured in one CUDA graph. No kernel adds atomically and
 each is tuned once per weight shape, not per batch: a row's logits are the same bits whatever
-else is in the batch (speculative verification of k + 1 rows reproduces one-row decoding).
+else is in the batch (speculative verification of k + 1 rows reproduces one-row decoding while
+all rows fit the fused step, runner.FUSED_MAX_BATCH).
 
 The plain model forward is the reference; tests hold the two equal (Triton's interpreter runs
 these kernels on CPU).

@@ -12,7 +12,7 @@ from moekit.infer.kv_cache import PagedKVCache
 from moekit.infer.paged_attention import AttentionMetadata, PagedAttentionLayer
 from moekit.infer.scheduler import Request, ScheduledBatch
 from moekit.model.transformer import Transformer
-from moekit.ops.experts import grouped_mm_runs
+from moekit.ops.experts import grouped_path_taken
 
 GRAPH_BATCH_SIZES = (1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 128, 256)  # small sizes: speculative verify rows
 FUSED_MAX_BATCH = 8  # above this the grouped-GEMM model path reads each expert once for all its rows
@@ -41,10 +41,11 @@ class ModelRunner:
 
             if unsupported_reason(model) is None:
                 self.fused = FusedDecoder(model, kv.k, kv.v)
-        # the model path reads group sizes on the host unless torch._grouped_mm runs (bf16 on
+        # the MoE model path reads group sizes on the host unless it takes the grouped path (bf16 on
         # Hopper): then only the fused step's sizes can be captured
-        dtype = next(model.parameters()).dtype
-        self.model_path_capturable = self.device.type != "cuda" or grouped_mm_runs("cuda", dtype)
+        c, dtype = model.cfg, next(model.parameters()).dtype
+        self.model_path_capturable = (self.device.type != "cuda" or not any(b.is_moe for b in model.blocks)
+                                      or grouped_path_taken("cuda", dtype, c.d_model, c.ffn_dim, c.expert_impl))
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
                                                         2 * len(GRAPH_BATCH_SIZES))
@@ -215,7 +216,7 @@ class ModelRunner:
             blocks = req.blocks
             h[i, :4] = (tok or 0, p, blocks[p // bs] * bs + p % bs, p + 1)
             h[i, 4:4 + len(blocks)] = blocks  # entries past the context length are never read
-        h[n:, :4] = (0, 0, 0, 1)
+        h[n:, :5] = (0, 0, 0, 1, 0)  # padding rows: position 0 of the scratch block 0
         stage = buf["stage"]
         stage.copy_(host, non_blocking=True)
         if tokens is not None:

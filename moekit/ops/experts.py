@@ -61,6 +61,13 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights))
 
 
+def grouped_path_taken(device_type: str, dtype: torch.dtype, d: int, f: int, impl: str = "auto") -> bool:
+    """Whether expert_swiglu takes the grouped path (no host read of the group sizes) for experts
+    of width d -> f in this dtype: what decides if an MoE forward can be captured in a CUDA graph."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return impl != "loop" and grouped_mm_runs(device_type, dtype) and all(n * size % 16 == 0 for n in (d, f))
+
+
 def swiglu_grouped(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
                    counts: torch.Tensor, dropless: bool = False) -> torch.Tensor:
     """x: [M, d] rows sorted by expert; w1, w3: [E, d, f]; w2: [E, f, d]; counts: [E].
