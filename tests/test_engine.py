@@ -656,3 +656,22 @@ def test_graph_path_equals_packed_path_for_many_requests():
     assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]
     assert [o.output_token_ids for o in out] == [greedy_reference(model, p, sp.max_tokens)
                                                  for p, sp in zip(prompts, params)]
+
+
+def test_incremental_detokenizer_equals_full_decode():
+    """Random ids (byte pieces of multi-byte characters included) decoded step by step equal
+    decoding the whole list at every step, also when the engine asks again for the text before a
+    stop token."""
+    from moekit.infer.engine import Detokenizer
+
+    tok = get_tokenizer()
+    g = torch.Generator().manual_seed(5)
+    vocab = tok.vocab_size
+    text = "naïve café — 東京 🙂 " * 3
+    for trial in range(20):
+        ids = tok.encode(text)[trial:] if trial % 2 else torch.randint(0, vocab, (60,), generator=g).tolist()
+        det = Detokenizer(tok)
+        for n in range(1, len(ids) + 1):
+            if n % 7 == 0:  # a stop token arrives: the text of the ids before it, asked again
+                assert det.text(ids[:n - 1]) == tok.decode(ids[:n - 1])
+            assert det.text(ids[:n]) == tok.decode(ids[:n])

@@ -24,6 +24,25 @@ from moekit.infer.scheduler import Request, Scheduler, Status
 from moekit.model.transformer import Transformer
 
 
+class Detokenizer:
+    """The text of a growing list of token ids, decoding only the ids since the last point where
+    the text was whole characters: decoding stays O(new tokens) per step, not O(output). Byte-level
+    decoding is concatenative at character boundaries, so the result equals decoding every id."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.done, self.settled = tokenizer, 0, ""
+
+    def text(self, ids: list[int]) -> str:
+        """decode(ids); ids extend (or equal) the ones of the previous call, minus at most the
+        ids after the last settled point."""
+        tail = self.tokenizer.decode(ids[self.done:])
+        if "\ufffd" in tail:  # a character still incomplete (or a literal U+FFFD): decode it again next time
+            return self.settled + tail
+        self.settled += tail
+        self.done = len(ids)
+        return self.settled
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -227,7 +246,7 @@ class Engine:
         delta = ""
         if self.tokenizer is not None:
             ids = req.output_ids[:-1] if hit_stop_token else req.output_ids
-            text = self.tokenizer.decode(ids)
+            text = ex.setdefault("detok", Detokenizer(self.tokenizer)).text(ids)
             cut = min((i for s in p.stop for i in [text.find(s)] if i >= 0), default=-1)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
