@@ -24,6 +24,7 @@ def build_app(ckpt: str, device: str = "auto", engine_cfg: EngineConfig | None =
 
     server_cfg.chat_template = load_chat_template(ckpt if is_hf_dir(ckpt) else ckpt_io.resolve_checkpoint(ckpt))
     engine = Engine(model, tok, engine_cfg or EngineConfig(), draft=draft)
+    engine.warmup()  # decode graphs of every batch size before the first request (GPU; nothing on CPU)
     return create_app(AsyncEngine(engine), tok, server_cfg)
 
 
