@@ -172,6 +172,12 @@ class ModelRunner:
             return False
         return self.model_path_capturable or (self.fused is not None and n <= FUSED_MAX_BATCH)
 
+    def to_device(self, values: list[int]) -> torch.Tensor:
+        """A small int64 tensor on the device without a stream sync (a copy from pageable memory
+        would wait for all queued GPU work first): staged in pinned memory, copied asynchronously."""
+        pin = self.device.type == "cuda"
+        return torch.tensor(values, dtype=torch.long, pin_memory=pin).to(self.device, non_blocking=pin)
+
     def _host_stage(self, b: int) -> torch.Tensor:
         """A pinned host buffer for the next transfer; the one used _STAGES transfers ago is
         reused once its copy has completed."""

@@ -194,14 +194,17 @@ class SpeculativeDecoder:
         including its first disagreement with the draft (all k + 1 when none)."""
         k, B = self.k, len(reqs)
         rows, last = self._catch_up_rows(reqs)
-        tok = self.runner.decode_rows(rows)[last].argmax(-1)  # [B]
+        logits = self.runner.decode_rows(rows)
+        if len(rows) > len(reqs):  # some request caught up more than one position
+            logits = logits[self.runner.to_device(last)]
+        tok = logits.argmax(-1)  # [B]
         proposals = [tok]
         for j in range(1, k):
             rows = [(r, r.num_tokens + j - 1, None) for r in reqs]
             tok = self.runner.decode_rows(rows, tokens=tok).argmax(-1)
             proposals.append(tok)
         props = torch.stack(proposals, 1)  # [B, k]
-        last_tok = torch.tensor([r.all_ids[-1] for r in reqs], device=props.device)
+        last_tok = target.to_device([r.all_ids[-1] for r in reqs])
         tokens = torch.cat([last_tok[:, None], props], 1).view(-1)  # [B * (k + 1)]
         rows = [(r, r.num_computed + j, None) for r in reqs for j in range(k + 1)]
         best = target.decode_rows(rows, tokens=tokens).view(B, k + 1, -1).argmax(-1)  # [B, k + 1]
