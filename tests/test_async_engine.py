@@ -13,7 +13,7 @@ from moekit.errors import ConfigError
 from moekit.infer.async_engine import AsyncEngine
 from moekit.infer.engine import Engine, EngineConfig
 from moekit.infer.sampling import SamplingParams
-from tests.test_engine import (
+from tests.engine_helpers import (
     BS,
     assert_engine_idle,
     budget_for_blocks,

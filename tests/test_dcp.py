@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from moekit.config import ModelConfig
 from moekit.model.transformer import build_model
 from moekit.parallel.mesh import ParallelDims
-from tests.dist_helpers import free_port, run_config_toml, run_losses
+from tests.dist_helpers import free_port, init_gloo, run_config_toml, run_losses
 
 # aux losses off: the balance loss is not linear in the batch, so it differs between layouts
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=64, n_experts=4,
@@ -85,9 +85,7 @@ def _full_state(model, opt, mode: str) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, root: str, out: dict):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
     try:
         from moekit.parallel.sharded_checkpoint import load_sharded, save_sharded
 

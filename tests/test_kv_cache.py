@@ -12,7 +12,7 @@ from moekit.errors import ConfigError
 from moekit.infer.engine import Engine, EngineConfig
 from moekit.infer.kv_cache import kv_bytes_per_token, num_blocks_for_budget
 from moekit.infer.paged_attention import paged_decode_reference
-from tests.test_engine import BS, get_model, model_cfg
+from tests.engine_helpers import BS, get_model, model_cfg
 
 # ------------------------------------------------------------------------------------------------
 # KV sizing

@@ -14,7 +14,7 @@ from moekit.config import ModelConfig
 from moekit.errors import ConfigError
 from moekit.model.transformer import build_model
 from moekit.parallel.mesh import ParallelDims
-from tests.dist_helpers import free_port, run_config_toml, run_losses
+from tests.dist_helpers import assert_matches_single, free_port, init_gloo, run_config_toml, run_losses
 
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=64, n_experts=4,
                   top_k=2, max_seq_len=32, balance_loss_coef=0.0, z_loss_coef=0.0, expert_impl="loop")
@@ -44,9 +44,7 @@ def _reference(world: int):
 
 
 def _worker(rank: int, world: int, port: int, mode: str, out: dict):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
     try:
         torch.manual_seed(0)
         model = build_model(CFG)
@@ -148,12 +146,7 @@ def test_torchrun_training_matches_one_process(tmp_path, mode):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-    (train_a, val_a), (train_b, val_b) = run_losses(tmp_path / "single"), run_losses(tmp_path / "dp2")
-    assert len(train_b) == 4
-    assert train_b == pytest.approx(train_a, rel=1e-4)
-    assert val_b == pytest.approx(val_a, rel=1e-4)
-    ckpts = list_checkpoints(tmp_path / "dp2")
-    assert [c.name for c in ckpts] == ["ckpt-0000002", "ckpt-0000004"]
+    train_b, ckpts = assert_matches_single(tmp_path, "dp2")
     verify(ckpts[-1])
     from safetensors.torch import load_file
 

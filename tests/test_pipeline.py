@@ -5,7 +5,6 @@ that accumulates over the same micro-batches, MoE auxiliary losses included."""
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from moekit.config import ModelConfig
 from moekit.errors import ConfigError
 from moekit.model.transformer import build_model
 from moekit.parallel.mesh import ParallelDims
-from tests.dist_helpers import free_port
+from tests.dist_helpers import free_port, init_gloo
 
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=4, n_heads=4, n_kv_heads=1, ffn_dim=64, n_experts=4,
                   top_k=2, max_seq_len=32, balance_loss_coef=0.05, z_loss_coef=0.01, expert_impl="loop")
@@ -55,9 +54,7 @@ def _reference():
 
 
 def _worker(rank: int, world: int, port: int, cases: list, out: dict):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
     try:
         for schedule, dp in cases:  # one process group for every case of this world size
             out[rank, schedule, dp] = _train(rank, world, schedule, dp)

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from moekit.errors import ConfigError
 from moekit.model.transformer import build_model
 from moekit.parallel.mesh import ParallelDims
-from tests.dist_helpers import free_port, run_config_toml, run_losses
+from tests.dist_helpers import assert_matches_single, free_port, init_gloo, run_config_toml, run_losses
 from tests.test_parallel import CFG, B, _batches
 
 # multi-query attention (one K/V head: wk, wv stay replicated under tp) with router aux losses,
@@ -71,9 +71,7 @@ def _full_grads(model) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, dims: dict, cfg, out: dict):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
     try:
         from moekit.parallel.mesh import build_mesh
         from moekit.parallel.parallelize import clip_grad_norm, data_shard, optimizer_step, parallelize, reduce_grads
@@ -186,12 +184,7 @@ def test_trainer_with_tensor_parallelism_matches_one_process(tmp_path):
     mp.spawn(_train_worker, args=(2, free_port(), cfg), nprocs=2, join=True)
 
 
-    (train_a, val_a), (train_b, val_b) = run_losses(tmp_path / "single"), run_losses(tmp_path / "tp2")
-    assert len(train_b) == 4
-    assert train_b == pytest.approx(train_a, rel=1e-4)
-    assert val_b == pytest.approx(val_a, rel=1e-4)
-    ckpts = list_checkpoints(tmp_path / "tp2")
-    assert [c.name for c in ckpts] == ["ckpt-0000002", "ckpt-0000004"]
+    train_b, ckpts = assert_matches_single(tmp_path, "tp2")
     a = load_file(str(list_checkpoints(tmp_path / "single")[-1] / "model.safetensors"))
     b = load_file(str(ckpts[-1] / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -29,6 +29,9 @@ class ModelRunner:
         self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b < 2 * max(max_num_seqs, max_rows)] if (
             cuda_graphs and self.device.type == "cuda") else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self._stages: list[torch.Tensor] | None = None  # pinned host buffers of the graph inputs
+        self._stage_events: list = [None] * _STAGES
+        self._stage_i = 0
         self.pool = None
         # the decode graphs replay a compiled forward: fusing the many small elementwise kernels of
         # a decode step (norms, rotary, routing) is what brings it near the bandwidth limit
@@ -181,12 +184,10 @@ class ModelRunner:
     def _host_stage(self, b: int) -> torch.Tensor:
         """A pinned host buffer for the next transfer; the one used _STAGES transfers ago is
         reused once its copy has completed."""
-        if not hasattr(self, "_stages"):
+        if self._stages is None:  # sized on first use: for the largest graph
             pin = self.device.type == "cuda"
             self._stages = [torch.zeros(self.graph_sizes[-1], self._META + self.max_blocks, dtype=torch.int32,
                                         pin_memory=pin) for _ in range(_STAGES)]
-            self._stage_events = [None] * _STAGES
-            self._stage_i = 0
         i = self._stage_i = (self._stage_i + 1) % _STAGES
         if self._stage_events[i] is not None:
             self._stage_events[i].synchronize()
