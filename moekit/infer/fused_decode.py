@@ -305,7 +305,7 @@ def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.T
         _expert_up_tuned[lambda m: (R, triton.cdiv(F, m["BN"]), m["SPLIT_K"])](*args, TOPK=topk)
         splits = _expert_up_tuned.best_config.kwargs["SPLIT_K"]
     h = torch.empty(R, F, device=xn.device, dtype=w1.dtype)
-    _silu_mul[(triton.cdiv(R * F, 1024),)](part, h, R * F, SPLIT_K=splits, BLOCK=1024)
+    _silu_mul[(triton.cdiv(R * F, 256),)](part, h, R * F, SPLIT_K=splits, BLOCK=256)  # many programs: latency
     return h
 
 
@@ -322,8 +322,10 @@ def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: tor
     else:
         _expert_down_tuned[lambda m: (R, triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args)
         splits = _expert_down_tuned.best_config.kwargs["SPLIT_K"]
-    _moe_combine[(B, triton.cdiv(D, 1024))](part, gates, out, R, D, out.stride(0), TOPK=topk, SPLIT_K=splits,
-                                           BLOCK=1024)
+    # small blocks: each program sums TOPK * SPLIT_K partials of its columns, and many programs hide
+    # the latency of those loads (one program per row took 20 us per layer)
+    _moe_combine[(B, triton.cdiv(D, 128))](part, gates, out, R, D, out.stride(0), TOPK=topk, SPLIT_K=splits,
+                                          BLOCK=128)
 
 
 # -- the decode step -------------------------------------------------------------------------------
