@@ -158,10 +158,12 @@ class Engine:
         return True
 
     def warmup(self) -> None:
-        """Capture the decode graphs of every batch size (the target's and the draft's) up front."""
+        """Capture the decode graphs of every batch size (the target's, the draft's and the
+        speculative steps') up front."""
         self.runner.capture_all()
         if self.spec is not None:
             self.spec.runner.capture_all()
+            self.spec.warmup(self.runner, min(self.config.max_num_seqs, self.config.speculative_max_batch))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -136,22 +136,29 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_graph(self, b: int) -> None:
         """Capture the decode step for batch size b (on first use; all sizes share one memory
-        pool). Off the GPU the 'graph' runs the same static step eagerly (tests use it)."""
+        pool)."""
         buf = self._graph_inputs(b)
+        self.graphs[b] = (self.capture(lambda: buf.__setitem__("logits", self._run_static(buf)), share_pool=True), buf)
+
+    @torch.inference_mode()
+    def capture(self, fn, share_pool: bool = False):
+        """A CUDA graph of fn() after two warm-up runs (Triton compilation and tuning, cuBLAS
+        handles); in this runner's memory pool with share_pool, else in a pool of its own. Off the
+        GPU the 'graph' runs fn eagerly (tests use it)."""
         if self.device.type != "cuda":
-            self.graphs[b] = (_EagerGraph(lambda: buf.__setitem__("logits", self._run_static(buf))), buf)
-            return
+            return _EagerGraph(fn)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: Triton and torch.compile compilation, cuBLAS handles
-                self._run_static(buf)
+            for _ in range(2):
+                fn()
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            buf["logits"] = self._run_static(buf)
-        self.pool = g.pool()
-        self.graphs[b] = (g, buf)
+        with torch.cuda.graph(g, pool=self.pool if share_pool else None):
+            fn()
+        if share_pool:
+            self.pool = g.pool()
+        return g
 
     def capture_all(self) -> None:
         """Capture every graph size now (compiling and tuning the kernels for each), so that no
@@ -171,8 +178,10 @@ class ModelRunner:
 
     def _graph_fits(self, n: int) -> bool:
         """Whether n one-token rows replay a CUDA graph."""
-        if not self.graph_sizes or n > self.graph_sizes[-1]:
-            return False
+        return bool(self.graph_sizes) and n <= self.graph_sizes[-1] and self.capturable(n)
+
+    def capturable(self, n: int) -> bool:
+        """Whether a static step of n one-token rows (_run_static) can be captured in a graph."""
         return self.model_path_capturable or (self.fused is not None and n <= FUSED_MAX_BATCH)
 
     def to_device(self, values: list[int]) -> torch.Tensor:
@@ -192,6 +201,15 @@ class ModelRunner:
         if self._stage_events[i] is not None:
             self._stage_events[i].synchronize()
         return self._stages[i][:b]
+
+    def stage_rows(self, h, rows: list[tuple[Request, int, int | None]]) -> None:
+        """Write graph-input rows [token, position, slot, context length, block table] into the
+        host array h (numpy, int32)."""
+        bs = self.block_size
+        for i, (req, p, tok) in enumerate(rows):
+            blocks = req.blocks
+            h[i, :4] = (tok or 0, p, blocks[p // bs] * bs + p % bs, p + 1)
+            h[i, 4:4 + len(blocks)] = blocks  # entries past the context length are never read
 
     @torch.inference_mode()
     def decode_rows(self, rows: list[tuple[Request, int, int | None]], tokens: torch.Tensor | None = None
@@ -218,11 +236,7 @@ class ModelRunner:
         g, buf = self.graphs[b]
         host = self._host_stage(b)
         h = host.numpy()
-        bs = self.block_size
-        for i, (req, p, tok) in enumerate(rows):
-            blocks = req.blocks
-            h[i, :4] = (tok or 0, p, blocks[p // bs] * bs + p % bs, p + 1)
-            h[i, 4:4 + len(blocks)] = blocks  # entries past the context length are never read
+        self.stage_rows(h, rows)
         h[n:, :5] = (0, 0, 0, 1, 0)  # padding rows: position 0 of the scratch block 0
         stage = buf["stage"]
         stage.copy_(host, non_blocking=True)

@@ -92,6 +92,7 @@ class SpeculativeDecoder:
         self.block_size, self.k, self.max_model_len = target_kv.block_size, k, max_model_len
         self.shared = shared_generator
         self.stats = SpecStats(accepted_at=[0] * k)
+        self.step_graphs: dict[int, tuple] = {}  # requests -> (graph, device stage, pinned stage, pinned out)
 
     # -- keeping the draft's cache in step with the target ---------------------------------
     def _draft_start(self, req: Request) -> int:
@@ -193,6 +194,8 @@ class SpeculativeDecoder:
         argmax decides, and the host reads once per step. Emitted: the target's tokens up to and
         including its first disagreement with the draft (all k + 1 when none)."""
         k, B = self.k, len(reqs)
+        if self._step_graph_fits(target, reqs):
+            return self._greedy_graph(target, reqs)
         rows, last = self._catch_up_rows(reqs)
         logits = self.runner.decode_rows(rows)
         if len(rows) > len(reqs):  # some request caught up more than one position
@@ -211,3 +214,72 @@ class SpeculativeDecoder:
         agree = (best[:, :k] == props).int().cumprod(1).sum(1)  # accepted proposals per request
         host = torch.cat([best, agree[:, None]], 1).tolist()
         return [row[:row[-1] + 1] for row in host]
+
+    # -- the whole greedy step in one CUDA graph -------------------------------------------------
+    # Graph inputs, one staged row per token as in ModelRunner (token, position, slot, context
+    # length, block table), in three parts: the draft's catch-up (the last two positions of each
+    # request: recomputing a position the draft already holds rewrites the same K/V), its k - 1
+    # further steps (tokens fed back inside the graph), and the target's k + 1 rows per request.
+    # Output: per request the target's k + 1 argmax tokens and the number of accepted proposals.
+    def _step_graph_fits(self, target: ModelRunner, reqs: list[Request]) -> bool:
+        B, k = len(reqs), self.k
+        if not (target.graph_sizes and self.runner.graph_sizes) or target.max_blocks != self.runner.max_blocks:
+            return False
+        if any(r.num_tokens - self._draft_start(r) > 2 or r.num_tokens < 2 for r in reqs):
+            return False  # the draft lags by more than one position: the general path catches it up
+        return self._sizes_capturable(target, B)
+
+    def _sizes_capturable(self, target: ModelRunner, B: int) -> bool:
+        return self.runner.capturable(2 * B) and self.runner.capturable(B) and target.capturable((self.k + 1) * B)
+
+    def warmup(self, target: ModelRunner, max_batch: int) -> None:
+        """Capture the step graphs of 1 ... max_batch requests now."""
+        if target.graph_sizes and self.runner.graph_sizes:
+            for B in range(1, max_batch + 1):
+                if self._sizes_capturable(target, B):
+                    self._step_graph(target, B)
+
+    def _static_step(self, target: ModelRunner, stage: torch.Tensor, B: int) -> torch.Tensor:
+        k, draft = self.k, self.runner
+        logits = draft._run_static({"stage": stage[:2 * B]})
+        tok = logits.view(B, 2, -1)[:, 1].argmax(-1)
+        proposals = [tok]
+        for j in range(1, k):
+            rows = stage[(j + 1) * B:(j + 2) * B]
+            rows[:, 0] = tok
+            tok = draft._run_static({"stage": rows}).argmax(-1)
+            proposals.append(tok)
+        props = torch.stack(proposals, 1)  # [B, k]
+        verify = stage[(k + 1) * B:]
+        verify.view(B, k + 1, -1)[:, 1:, 0] = props
+        best = target._run_static({"stage": verify}).view(B, k + 1, -1).argmax(-1)  # [B, k + 1]
+        agree = (best[:, :k] == props).int().cumprod(1).sum(1)
+        return torch.cat([best, agree[:, None]], 1).int()
+
+    def _step_graph(self, target: ModelRunner, B: int) -> tuple:
+        if B not in self.step_graphs:
+            rows = 2 * (self.k + 1) * B
+            width = target._META + target.max_blocks
+            stage = torch.zeros(rows, width, dtype=torch.int32, device=target.device)
+            stage[:, 3] = 1  # position 0 of the scratch block until staged
+            out = {}
+            graph = target.capture(lambda: out.__setitem__("best", self._static_step(target, stage, B)))
+            pin = target.device.type == "cuda"
+            self.step_graphs[B] = (graph, stage, out, torch.zeros(rows, width, dtype=torch.int32, pin_memory=pin),
+                                   torch.zeros(B, self.k + 2, dtype=torch.int32, pin_memory=pin))
+        return self.step_graphs[B]
+
+    @torch.inference_mode()
+    def _greedy_graph(self, target: ModelRunner, reqs: list[Request]) -> list[list[int]]:
+        k, B = self.k, len(reqs)
+        graph, stage, out, host, result = self._step_graph(target, B)
+        rows = [(r, r.num_tokens - 2 + j, r.all_ids[r.num_tokens - 2 + j]) for r in reqs for j in (0, 1)]
+        rows += [(r, r.num_tokens - 1 + j, None) for j in range(1, k) for r in reqs]
+        rows += [(r, r.num_computed + j, r.all_ids[-1] if j == 0 else None) for r in reqs for j in range(k + 1)]
+        target.stage_rows(host.numpy(), rows)
+        stage.copy_(host, non_blocking=True)
+        graph.replay()
+        result.copy_(out["best"], non_blocking=True)
+        if target.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        return [row[:row[-1] + 1] for row in result.tolist()]
