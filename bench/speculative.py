@@ -45,21 +45,25 @@ def timed(engine: Engine, prompts, params, k: int) -> tuple[float, list[list[int
     return sum(len(o.output_token_ids) for o in outs) / dt, [o.output_token_ids for o in outs]
 
 
-def graph_ms(runner, rows: int, iters: int = 50) -> float | None:
-    """Mean time of one replay of the runner's decode graph for `rows` rows (CUDA events)."""
-    sizes = [b for b in runner.graphs if b >= rows]
-    if not torch.cuda.is_available() or not sizes:
-        return None
-    g, _ = runner.graphs[min(sizes)]
+def replay_ms(graph, iters: int = 50) -> float:
+    """Mean time of one replay of a CUDA graph, back to back (CUDA events)."""
     for _ in range(5):
-        g.replay()
+        graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
-        g.replay()
+        graph.replay()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def graph_ms(runner, rows: int) -> float | None:
+    """Replay time of the runner's decode graph for `rows` rows."""
+    sizes = [b for b in runner.graphs if b >= rows]
+    if not torch.cuda.is_available() or not sizes:
+        return None
+    return replay_ms(runner.graphs[min(sizes)][0])
 
 
 def main():
@@ -89,7 +93,9 @@ def main():
         st = spec_engine.spec.stats
         k1 = b * (args.k + 1)
         graphs = {"target_step_ms": graph_ms(spec_engine.runner, b), f"target_verify_{k1}_rows_ms": graph_ms(spec_engine.runner, k1),
-                  "draft_step_ms": graph_ms(spec_engine.spec.runner, b)}
+                  "draft_step_ms": graph_ms(spec_engine.spec.runner, b),
+                  "speculative_step_graph_ms": (replay_ms(spec_engine.spec.step_graphs[b][0]) if torch.cuda.is_available()
+                                                and b in spec_engine.spec.step_graphs else None)}
         rows.append({**graphs, "batch": b, "tok_s": base_tps, "tok_s_speculative": spec_tps, "speedup": spec_tps / base_tps,
                      "identical_greedy": spec_out == base_out, "acceptance_rate": st.acceptance_rate,
                      "mean_accepted_length": st.mean_accepted_length, "accepted_at_position": st.accepted_at})

@@ -202,11 +202,15 @@ class ModelRunner:
             self._stage_events[i].synchronize()
         return self._stages[i][:b]
 
-    def stage_rows(self, h, rows: list[tuple[Request, int, int | None]]) -> None:
+    def stage_rows(self, h, rows: list[tuple[Request, int, int | None] | None]) -> None:
         """Write graph-input rows [token, position, slot, context length, block table] into the
-        host array h (numpy, int32)."""
+        host array h (numpy, int32); a None row is padding (position 0 of the scratch block 0)."""
         bs = self.block_size
-        for i, (req, p, tok) in enumerate(rows):
+        for i, row in enumerate(rows):
+            if row is None:
+                h[i, :5] = (0, 0, 0, 1, 0)
+                continue
+            req, p, tok = row
             blocks = req.blocks
             h[i, :4] = (tok or 0, p, blocks[p // bs] * bs + p % bs, p + 1)
             h[i, 4:4 + len(blocks)] = blocks  # entries past the context length are never read

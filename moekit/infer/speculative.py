@@ -217,12 +217,12 @@ class SpeculativeDecoder:
 
     # -- the whole greedy step in one CUDA graph -------------------------------------------------
     # Graph inputs, one staged row per token as in ModelRunner (token, position, slot, context
-    # length, block table), in three parts: the draft's catch-up (the last two positions of each
-    # request: recomputing a position the draft already holds rewrites the same K/V), its k - 1
-    # further steps (tokens fed back inside the graph), and the target's k + 1 rows per request.
+    # length, block table), in three parts: the draft's catch-up (two rows per request: the
+    # position it lags by, or padding, and the last token), its k - 1 further steps (tokens fed
+    # back inside the graph), and the target's k + 1 rows per request.
     # Output: per request the target's k + 1 argmax tokens and the number of accepted proposals.
     def _step_graph_fits(self, target: ModelRunner, reqs: list[Request]) -> bool:
-        B, k = len(reqs), self.k
+        B = len(reqs)
         if not (target.graph_sizes and self.runner.graph_sizes) or target.max_blocks != self.runner.max_blocks:
             return False
         if any(r.num_tokens - self._draft_start(r) > 2 or r.num_tokens < 2 for r in reqs):
@@ -273,7 +273,10 @@ class SpeculativeDecoder:
     def _greedy_graph(self, target: ModelRunner, reqs: list[Request]) -> list[list[int]]:
         k, B = self.k, len(reqs)
         graph, stage, out, host, result = self._step_graph(target, B)
-        rows = [(r, r.num_tokens - 2 + j, r.all_ids[r.num_tokens - 2 + j]) for r in reqs for j in (0, 1)]
+        # the draft's catch-up: the position it lags by, or a padding row, then the last token
+        rows = [row for r in reqs for row in (
+            (r, r.num_tokens - 2, r.all_ids[-2]) if self._draft_start(r) < r.num_tokens - 1 else None,
+            (r, r.num_tokens - 1, r.all_ids[-1]))]
         rows += [(r, r.num_tokens - 1 + j, None) for j in range(1, k) for r in reqs]
         rows += [(r, r.num_computed + j, r.all_ids[-1] if j == 0 else None) for r in reqs for j in range(k + 1)]
         target.stage_rows(host.numpy(), rows)
