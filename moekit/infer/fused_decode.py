@@ -197,29 +197,33 @@ def _route(x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, K, E, eps, stride_x
 @triton.jit
 def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, R, K, F, stride_we, TOPK: tl.constexpr,
                BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Program (assignment r, block of F, share of K): partial sums of xn[r // TOPK] @ w1[e] and
-    @ w3[e], e = ids[r], into part [SPLIT_K, 2, R, F]; only expert e's weights are read."""
-    r = tl.program_id(0)
+    """Program (expert e, block of F, share of K): for each assignment r routed to e, partial sums
+    of xn[r // TOPK] @ w1[e] and @ w3[e] into part [SPLIT_K, 2, R, F]. Only the chosen experts'
+    weights are read, each once from memory however many rows chose it (its later rows find the
+    tile in cache); a row's sums do not depend on the other rows."""
+    e = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    e = tl.load(ids_ptr + r).to(tl.int64)
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < F
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
-    acc1 = tl.zeros([BK, BN], tl.float32)
-    acc3 = tl.zeros([BK, BN], tl.float32)
-    for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < K
-        x = tl.load(xn_ptr + (r // TOPK) * K + kk, mask=kmask, other=0.0).to(tl.float32)
-        off = e * stride_we + kk[:, None] * F + n[None, :]
-        m = kmask[:, None] & nmask[None, :]
-        acc1 += x[:, None] * tl.load(w1_ptr + off, mask=m, other=0.0).to(tl.float32)
-        acc3 += x[:, None] * tl.load(w3_ptr + off, mask=m, other=0.0).to(tl.float32)
-    base = part_ptr + (pid_k * 2 * R + r) * F + n
-    tl.store(base, tl.sum(acc1, 0), mask=nmask)
-    tl.store(base + R * F, tl.sum(acc3, 0), mask=nmask)
+    w_e = e.to(tl.int64) * stride_we
+    for r in range(R):
+        if tl.load(ids_ptr + r) == e:
+            acc1 = tl.zeros([BK, BN], tl.float32)
+            acc3 = tl.zeros([BK, BN], tl.float32)
+            for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
+                kk = k0 + tl.arange(0, BK)
+                kmask = kk < K
+                x = tl.load(xn_ptr + (r // TOPK) * K + kk, mask=kmask, other=0.0).to(tl.float32)
+                off = w_e + kk[:, None] * F + n[None, :]
+                m = kmask[:, None] & nmask[None, :]
+                acc1 += x[:, None] * tl.load(w1_ptr + off, mask=m, other=0.0).to(tl.float32)
+                acc3 += x[:, None] * tl.load(w3_ptr + off, mask=m, other=0.0).to(tl.float32)
+            base = part_ptr + (pid_k * 2 * R + r) * F + n
+            tl.store(base, tl.sum(acc1, 0), mask=nmask)
+            tl.store(base + R * F, tl.sum(acc3, 0), mask=nmask)
 
 
 @triton.jit
@@ -238,25 +242,27 @@ def _silu_mul(part_ptr, h_ptr, RF, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _expert_down(h_ptr, ids_ptr, w2_ptr, part_ptr, R, F, D, stride_we,
                  BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Program (assignment r, block of D, share of F): part[share, r] = h[r] @ w2[ids[r]] over
-    its share of F."""
-    r = tl.program_id(0)
+    """Program (expert e, block of D, share of F): part[share, r] = h[r] @ w2[e] over its share
+    of F, for each assignment r routed to e (each chosen expert read once, as in _expert_up)."""
+    e = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < D
     k_per = tl.cdiv(tl.cdiv(F, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
-    e = tl.load(ids_ptr + r).to(tl.int64)
-    acc = tl.zeros([BK, BN], tl.float32)
-    for k0 in range(k_lo, tl.minimum(k_lo + k_per, F), BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < F
-        hk = tl.load(h_ptr + r * F + kk, mask=kmask, other=0.0).to(tl.float32)
-        w = tl.load(w2_ptr + e * stride_we + kk[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
-                    other=0.0)
-        acc += hk[:, None] * w.to(tl.float32)
-    tl.store(part_ptr + (pid_k * R + r) * D + n, tl.sum(acc, 0), mask=nmask)
+    w_e = e.to(tl.int64) * stride_we
+    for r in range(R):
+        if tl.load(ids_ptr + r) == e:
+            acc = tl.zeros([BK, BN], tl.float32)
+            for k0 in range(k_lo, tl.minimum(k_lo + k_per, F), BK):
+                kk = k0 + tl.arange(0, BK)
+                kmask = kk < F
+                hk = tl.load(h_ptr + r * F + kk, mask=kmask, other=0.0).to(tl.float32)
+                w = tl.load(w2_ptr + w_e + kk[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
+                            other=0.0)
+                acc += hk[:, None] * w.to(tl.float32)
+            tl.store(part_ptr + (pid_k * R + r) * D + n, tl.sum(acc, 0), mask=nmask)
 
 
 @triton.jit
@@ -287,22 +293,22 @@ def _down_configs():
             for bn, bk in ((64, 64), (128, 32), (128, 64), (256, 32)) for sk in (8, 16, 32) for w in (4, 8)]
 
 
-_expert_up_tuned = triton.autotune(_up_configs(), key=["K", "F"], **_TUNE)(_expert_up)  # one program row per assignment
+_expert_up_tuned = triton.autotune(_up_configs(), key=["K", "F"], **_TUNE)(_expert_up)  # one program row per expert
 _expert_down_tuned = triton.autotune(_down_configs(), key=["F", "D"], **_TUNE)(_expert_down)
 
 
 def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """xn: [B, K]; ids: [B, topk] int32; w1, w3: [E, K, F] -> h [B * topk, F] = silu(x w1) * (x w3)."""
     B, K = xn.shape
-    topk, F = ids.shape[1], w1.shape[2]
+    topk, E, F = ids.shape[1], w1.shape[0], w1.shape[2]
     R = B * topk
     part = torch.empty(16, 2, R, F, device=xn.device, dtype=torch.float32)  # room for the largest K split
     args = (xn, ids, w1, w3, part, R, K, F, w1.stride(0))
     if _INTERPRET or not xn.is_cuda:
         splits = 2
-        _expert_up[(R, triton.cdiv(F, 32), splits)](*args, TOPK=topk, BN=32, BK=32, SPLIT_K=splits)
+        _expert_up[(E, triton.cdiv(F, 32), splits)](*args, TOPK=topk, BN=32, BK=32, SPLIT_K=splits)
     else:
-        _expert_up_tuned[lambda m: (R, triton.cdiv(F, m["BN"]), m["SPLIT_K"])](*args, TOPK=topk)
+        _expert_up_tuned[lambda m: (E, triton.cdiv(F, m["BN"]), m["SPLIT_K"])](*args, TOPK=topk)
         splits = _expert_up_tuned.best_config.kwargs["SPLIT_K"]
     h = torch.empty(R, F, device=xn.device, dtype=w1.dtype)
     _silu_mul[(triton.cdiv(R * F, 256),)](part, h, R * F, SPLIT_K=splits, BLOCK=256)  # many programs: latency
@@ -312,15 +318,15 @@ def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.T
 def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> None:
     """h: [B * topk, F]; ids, gates: [B, topk]; w2: [E, F, D]; out [B, D] float32 += the gated sum."""
     B, topk = ids.shape
-    F, D = w2.shape[1], w2.shape[2]
+    E, F, D = w2.shape
     R = B * topk
     part = torch.empty(32, R, D, device=h.device, dtype=torch.float32)  # room for the largest F split
     args = (h, ids, w2, part, R, F, D, w2.stride(0))
     if _INTERPRET or not h.is_cuda:
         splits = 2
-        _expert_down[(R, triton.cdiv(D, 32), splits)](*args, BN=32, BK=32, SPLIT_K=splits)
+        _expert_down[(E, triton.cdiv(D, 32), splits)](*args, BN=32, BK=32, SPLIT_K=splits)
     else:
-        _expert_down_tuned[lambda m: (R, triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args)
+        _expert_down_tuned[lambda m: (E, triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args)
         splits = _expert_down_tuned.best_config.kwargs["SPLIT_K"]
     # small blocks: each program sums TOPK * SPLIT_K partials of its columns, and many programs hide
     # the latency of those loads (one program per row took 20 us per layer)
