@@ -1,4 +1,4 @@
-"""Fused small-batch decode step in Triton: eight kernels per MoE layer, each reading its weights
+"""Fused small-batch decode step in Triton: ten kernels per MoE layer, each reading its weights
 once, so a decode step is bound by memory bandwidth rather than by kernel launches.
 
 Per layer, with the residual stream kept in float32 [B, d]:
@@ -13,8 +13,8 @@ Per layer, with the residual stream kept in float32 [B, d]:
 The final norm + LM head is kernel 1 again. Every kernel takes only device tensors and reads no
 value on the host, so the whole step is captured in one CUDA graph. No kernel adds atomically and
 each is tuned once per weight shape, not per batch: a row's logits are the same bits whatever
-else is in the batch (speculative verification of k + 1 rows reproduces one-row decoding while
-all rows fit the fused step, runner.FUSED_MAX_BATCH).
+else is in the batch (speculative verification of k + 1 rows per request reproduces one-row
+decoding while its rows stay on the fused step, runner.FUSED_MAX_VERIFY).
 
 The plain model forward is the reference; tests hold the two equal (Triton's interpreter runs
 these kernels on CPU).
@@ -195,12 +195,33 @@ def _route(x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, K, E, eps, stride_x
 
 # -- 6/7: the chosen experts, weights [E, K, N] (row = input feature) -----------------------------
 @triton.jit
+def _expert_rows(ids_ptr, R, e, t, RP: tl.constexpr, BM: tl.constexpr):
+    """Slots t ... t + BM of the assignments routed to expert e (in assignment order): their
+    indices and validity, plus how many assignments e has."""
+    rr = tl.arange(0, RP)
+    mine = tl.load(ids_ptr + rr, mask=rr < R, other=-1) == e
+    count = tl.sum(mine.to(tl.int32), 0)
+    slot = tl.cumsum(mine.to(tl.int32), 0) - 1
+    s = t + tl.arange(0, BM)
+    rows = tl.sum(tl.where((slot[None, :] == s[:, None]) & mine[None, :], rr[None, :], 0), 1)
+    return rows, s < count, count
+
+
+@triton.jit
+def _dot(x, w, acc, IEEE: tl.constexpr):
+    if IEEE:  # float32 weights: full precision, not TF32
+        return tl.dot(x, w, acc, input_precision="ieee")
+    return tl.dot(x, w, acc)
+
+
+@triton.jit
 def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, R, K, F, stride_we, TOPK: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Program (expert e, block of F, share of K): for each assignment r routed to e, partial sums
-    of xn[r // TOPK] @ w1[e] and @ w3[e] into part [SPLIT_K, 2, R, F]. Only the chosen experts'
-    weights are read, each once from memory however many rows chose it (its later rows find the
-    tile in cache); a row's sums do not depend on the other rows."""
+               RP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               SPLIT_K: tl.constexpr):
+    """Program (expert e, block of F, share of K): xn[r // TOPK] @ w1[e] and @ w3[e] over the share
+    for the assignments r routed to e, BM rows per tensor-core tile, into part [SPLIT_K, 2, R, F].
+    Each chosen expert's weights are read once for all its rows; unchosen experts are not read. A
+    row's sums do not depend on the other rows of its tile."""
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -209,21 +230,25 @@ def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, R, K, F, stride_we, TO
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
     w_e = e.to(tl.int64) * stride_we
-    for r in range(R):
-        if tl.load(ids_ptr + r) == e:
-            acc1 = tl.zeros([BK, BN], tl.float32)
-            acc3 = tl.zeros([BK, BN], tl.float32)
-            for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
-                kk = k0 + tl.arange(0, BK)
-                kmask = kk < K
-                x = tl.load(xn_ptr + (r // TOPK) * K + kk, mask=kmask, other=0.0).to(tl.float32)
-                off = w_e + kk[:, None] * F + n[None, :]
-                m = kmask[:, None] & nmask[None, :]
-                acc1 += x[:, None] * tl.load(w1_ptr + off, mask=m, other=0.0).to(tl.float32)
-                acc3 += x[:, None] * tl.load(w3_ptr + off, mask=m, other=0.0).to(tl.float32)
-            base = part_ptr + (pid_k * 2 * R + r) * F + n
-            tl.store(base, tl.sum(acc1, 0), mask=nmask)
-            tl.store(base + R * F, tl.sum(acc3, 0), mask=nmask)
+    _, _, count = _expert_rows(ids_ptr, R, e, 0, RP, BM)
+    for t in range(0, count, BM):
+        rows, valid, _ = _expert_rows(ids_ptr, R, e, t, RP, BM)
+        acc1 = tl.zeros([BM, BN], tl.float32)
+        acc3 = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < K
+            x = tl.load(xn_ptr + (rows // TOPK)[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :],
+                        other=0.0)
+            off = w_e + kk[:, None] * F + n[None, :]
+            m = kmask[:, None] & nmask[None, :]
+            w1 = tl.load(w1_ptr + off, mask=m, other=0.0)
+            acc1 = _dot(x.to(w1.dtype), w1, acc1, IEEE)
+            acc3 = _dot(x.to(w1.dtype), tl.load(w3_ptr + off, mask=m, other=0.0), acc3, IEEE)
+        base = part_ptr + (pid_k * 2 * R + rows)[:, None] * F + n[None, :]
+        omask = valid[:, None] & nmask[None, :]
+        tl.store(base, acc1, mask=omask)
+        tl.store(base + R * F, acc3, mask=omask)
 
 
 @triton.jit
@@ -240,10 +265,10 @@ def _silu_mul(part_ptr, h_ptr, RF, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _expert_down(h_ptr, ids_ptr, w2_ptr, part_ptr, R, F, D, stride_we,
-                 BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Program (expert e, block of D, share of F): part[share, r] = h[r] @ w2[e] over its share
-    of F, for each assignment r routed to e (each chosen expert read once, as in _expert_up)."""
+def _expert_down(h_ptr, ids_ptr, w2_ptr, part_ptr, R, F, D, stride_we, RP: tl.constexpr, IEEE: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Program (expert e, block of D, share of F): part[share, r] = h[r] @ w2[e] over the share,
+    for the assignments r routed to e (tiles of BM rows, as in _expert_up)."""
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -252,17 +277,18 @@ def _expert_down(h_ptr, ids_ptr, w2_ptr, part_ptr, R, F, D, stride_we,
     k_per = tl.cdiv(tl.cdiv(F, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
     w_e = e.to(tl.int64) * stride_we
-    for r in range(R):
-        if tl.load(ids_ptr + r) == e:
-            acc = tl.zeros([BK, BN], tl.float32)
-            for k0 in range(k_lo, tl.minimum(k_lo + k_per, F), BK):
-                kk = k0 + tl.arange(0, BK)
-                kmask = kk < F
-                hk = tl.load(h_ptr + r * F + kk, mask=kmask, other=0.0).to(tl.float32)
-                w = tl.load(w2_ptr + w_e + kk[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
-                            other=0.0)
-                acc += hk[:, None] * w.to(tl.float32)
-            tl.store(part_ptr + (pid_k * R + r) * D + n, tl.sum(acc, 0), mask=nmask)
+    _, _, count = _expert_rows(ids_ptr, R, e, 0, RP, BM)
+    for t in range(0, count, BM):
+        rows, valid, _ = _expert_rows(ids_ptr, R, e, t, RP, BM)
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(k_lo, tl.minimum(k_lo + k_per, F), BK):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < F
+            hk = tl.load(h_ptr + rows[:, None] * F + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w2_ptr + w_e + kk[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
+                        other=0.0)
+            acc = _dot(hk.to(w.dtype), w, acc, IEEE)
+        tl.store(part_ptr + (pid_k * R + rows)[:, None] * D + n[None, :], acc, mask=valid[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -284,16 +310,17 @@ def _moe_combine(part_ptr, gates_ptr, out_ptr, R, D, stride_ob, TOPK: tl.constex
 
 
 def _up_configs():
-    return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=4, num_stages=4)
-            for bn, bk in ((64, 32), (64, 64), (128, 32)) for sk in (2, 4, 8)]
+    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=4, num_stages=3)
+            for bn, bk in ((64, 64), (128, 64), (64, 128)) for sk in (2, 4, 8)]
 
 
 def _down_configs():
-    return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=4)
-            for bn, bk in ((64, 64), (128, 32), (128, 64), (256, 32)) for sk in (8, 16, 32) for w in (4, 8)]
+    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=4, num_stages=3)
+            for bn, bk in ((64, 64), (128, 64), (64, 128), (256, 64)) for sk in (4, 8, 16)]
 
 
-_expert_up_tuned = triton.autotune(_up_configs(), key=["K", "F"], **_TUNE)(_expert_up)  # one program row per expert
+# tuned once per weight shape (tensor-core tiles of 16 rows): the same numbers for every batch
+_expert_up_tuned = triton.autotune(_up_configs(), key=["K", "F"], **_TUNE)(_expert_up)
 _expert_down_tuned = triton.autotune(_down_configs(), key=["F", "D"], **_TUNE)(_expert_down)
 
 
@@ -302,13 +329,14 @@ def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.T
     B, K = xn.shape
     topk, E, F = ids.shape[1], w1.shape[0], w1.shape[2]
     R = B * topk
-    part = torch.empty(16, 2, R, F, device=xn.device, dtype=torch.float32)  # room for the largest K split
+    part = torch.empty(8, 2, R, F, device=xn.device, dtype=torch.float32)  # room for the largest K split
     args = (xn, ids, w1, w3, part, R, K, F, w1.stride(0))
+    kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w1.dtype == torch.float32)
     if _INTERPRET or not xn.is_cuda:
         splits = 2
-        _expert_up[(E, triton.cdiv(F, 32), splits)](*args, TOPK=topk, BN=32, BK=32, SPLIT_K=splits)
+        _expert_up[(E, triton.cdiv(F, 32), splits)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=splits)
     else:
-        _expert_up_tuned[lambda m: (E, triton.cdiv(F, m["BN"]), m["SPLIT_K"])](*args, TOPK=topk)
+        _expert_up_tuned[lambda m: (E, triton.cdiv(F, m["BN"]), m["SPLIT_K"])](*args, **kw)
         splits = _expert_up_tuned.best_config.kwargs["SPLIT_K"]
     h = torch.empty(R, F, device=xn.device, dtype=w1.dtype)
     _silu_mul[(triton.cdiv(R * F, 256),)](part, h, R * F, SPLIT_K=splits, BLOCK=256)  # many programs: latency
@@ -320,13 +348,14 @@ def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: tor
     B, topk = ids.shape
     E, F, D = w2.shape
     R = B * topk
-    part = torch.empty(32, R, D, device=h.device, dtype=torch.float32)  # room for the largest F split
+    part = torch.empty(16, R, D, device=h.device, dtype=torch.float32)  # room for the largest F split
     args = (h, ids, w2, part, R, F, D, w2.stride(0))
+    kw = dict(RP=max(16, triton.next_power_of_2(R)), IEEE=w2.dtype == torch.float32)
     if _INTERPRET or not h.is_cuda:
         splits = 2
-        _expert_down[(E, triton.cdiv(D, 32), splits)](*args, BN=32, BK=32, SPLIT_K=splits)
+        _expert_down[(E, triton.cdiv(D, 32), splits)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=splits)
     else:
-        _expert_down_tuned[lambda m: (E, triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args)
+        _expert_down_tuned[lambda m: (E, triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args, **kw)
         splits = _expert_down_tuned.best_config.kwargs["SPLIT_K"]
     # small blocks: each program sums TOPK * SPLIT_K partials of its columns, and many programs hide
     # the latency of those loads (one program per row took 20 us per layer)

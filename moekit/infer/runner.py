@@ -15,7 +15,8 @@ from moekit.model.transformer import Transformer
 from moekit.ops.experts import grouped_path_taken
 
 GRAPH_BATCH_SIZES = (1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 128, 256)  # small sizes: speculative verify rows
-FUSED_MAX_BATCH = 8  # above this the grouped-GEMM model path reads each expert once for all its rows
+FUSED_MAX_BATCH = 8  # decode rows through the fused step; above, the grouped-GEMM model path
+FUSED_MAX_VERIFY = 40  # speculative verification stays fused up to here: the same numbers as decoding
 
 
 class ModelRunner:
@@ -122,12 +123,12 @@ class ModelRunner:
         stage[:, 3] = 1  # padding rows: token 0 at position 0 into the scratch block 0, one position
         return {"stage": stage}
 
-    def _run_static(self, buf: dict) -> torch.Tensor:
+    def _run_static(self, buf: dict, fused_max: int = FUSED_MAX_BATCH) -> torch.Tensor:
         stage = buf["stage"]
         b = stage.shape[0]
         ids, pos, slots = stage[:, :3].t().long().contiguous()
         lens, tables = stage[:, 3].contiguous(), stage[:, self._META:]  # tables: rows strided
-        if self.fused is not None and b <= FUSED_MAX_BATCH:
+        if self.fused is not None and b <= fused_max:
             return self.fused(ids, pos, slots, tables, lens)
         meta = AttentionMetadata(slot_mapping=slots, num_decode=b, block_tables=tables, context_lens=lens,
                                  prefills=[], max_context=self.max_blocks * self.block_size)
@@ -180,9 +181,9 @@ class ModelRunner:
         """Whether n one-token rows replay a CUDA graph."""
         return bool(self.graph_sizes) and n <= self.graph_sizes[-1] and self.capturable(n)
 
-    def capturable(self, n: int) -> bool:
+    def capturable(self, n: int, fused_max: int = FUSED_MAX_BATCH) -> bool:
         """Whether a static step of n one-token rows (_run_static) can be captured in a graph."""
-        return self.model_path_capturable or (self.fused is not None and n <= FUSED_MAX_BATCH)
+        return self.model_path_capturable or (self.fused is not None and n <= fused_max)
 
     def to_device(self, values: list[int]) -> torch.Tensor:
         """A small int64 tensor on the device without a stream sync (a copy from pageable memory

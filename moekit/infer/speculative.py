@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moekit.infer.kv_cache import PagedKVCache
-from moekit.infer.runner import ModelRunner
+from moekit.infer.runner import FUSED_MAX_VERIFY, ModelRunner
 from moekit.infer.sampling import SamplingParams, top_k_top_p_mask
 from moekit.infer.scheduler import Request
 from moekit.model.transformer import Transformer
@@ -230,7 +230,8 @@ class SpeculativeDecoder:
         return self._sizes_capturable(target, B)
 
     def _sizes_capturable(self, target: ModelRunner, B: int) -> bool:
-        return self.runner.capturable(2 * B) and self.runner.capturable(B) and target.capturable((self.k + 1) * B)
+        return (self.runner.capturable(2 * B) and self.runner.capturable(B)
+                and target.capturable((self.k + 1) * B, FUSED_MAX_VERIFY))
 
     def warmup(self, target: ModelRunner, max_batch: int) -> None:
         """Capture the step graphs of 1 ... max_batch requests now."""
@@ -252,7 +253,8 @@ class SpeculativeDecoder:
         props = torch.stack(proposals, 1)  # [B, k]
         verify = stage[(k + 1) * B:]
         verify.view(B, k + 1, -1)[:, 1:, 0] = props
-        best = target._run_static({"stage": verify}).view(B, k + 1, -1).argmax(-1)  # [B, k + 1]
+        # verification rows through the same fused kernels as decoding: the same logits, bit for bit
+        best = target._run_static({"stage": verify}, FUSED_MAX_VERIFY).view(B, k + 1, -1).argmax(-1)  # [B, k + 1]
         agree = (best[:, :k] == props).int().cumprod(1).sum(1)
         return torch.cat([best, agree[:, None]], 1).int()
 
