@@ -230,9 +230,9 @@ def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, R, K, F, stride_we, TO
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
     w_e = e.to(tl.int64) * stride_we
-    _, _, count = _expert_rows(ids_ptr, R, e, 0, RP, BM)
+    first_rows, first_valid, count = _expert_rows(ids_ptr, R, e, 0, RP, BM)
     for t in range(0, count, BM):
-        rows, valid, _ = _expert_rows(ids_ptr, R, e, t, RP, BM)
+        rows, valid, count_t = _expert_rows(ids_ptr, R, e, t, RP, BM)
         acc1 = tl.zeros([BM, BN], tl.float32)
         acc3 = tl.zeros([BM, BN], tl.float32)
         for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
@@ -277,9 +277,9 @@ def _expert_down(h_ptr, ids_ptr, w2_ptr, part_ptr, R, F, D, stride_we, RP: tl.co
     k_per = tl.cdiv(tl.cdiv(F, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
     w_e = e.to(tl.int64) * stride_we
-    _, _, count = _expert_rows(ids_ptr, R, e, 0, RP, BM)
+    first_rows, first_valid, count = _expert_rows(ids_ptr, R, e, 0, RP, BM)
     for t in range(0, count, BM):
-        rows, valid, _ = _expert_rows(ids_ptr, R, e, t, RP, BM)
+        rows, valid, count_t = _expert_rows(ids_ptr, R, e, t, RP, BM)
         acc = tl.zeros([BM, BN], tl.float32)
         for k0 in range(k_lo, tl.minimum(k_lo + k_per, F), BK):
             kk = k0 + tl.arange(0, BK)
