@@ -30,23 +30,30 @@ def prompts_from_corpus(target: str, n: int, chars: int = 200) -> list[str]:
     return [d[:chars] for d in docs[:n]]
 
 
-def timed(engine: Engine, prompts, params, k: int) -> tuple[float, float, list[list[int]]]:
-    """End-to-end output tok/s (prefill included), decode tok/s (tokens after each request's
-    first, over the time after the last first token) and the outputs."""
+def timed(engine: Engine, rounds: list[list[str]], params, k: int) -> tuple[float, float, list[list[int]]]:
+    """Rounds of prompts, each round's prompts decoded together, the rounds one after another:
+    end-to-end output tok/s (prefill included), decode tok/s (tokens after each request's first,
+    over the time after the round's last first token) and the outputs."""
     engine.warmup()  # every graph size captured, the kernels compiled and tuned for each
-    engine.generate(prompts, SamplingParams(max_tokens=4 * (k + 1), temperature=0, ignore_eos=True))
-    if engine.spec is not None:  # acceptance counted over the measured run only
+    engine.generate(rounds[0], SamplingParams(max_tokens=4 * (k + 1), temperature=0, ignore_eos=True))
+    if engine.spec is not None:  # acceptance counted over the measured runs only
         engine.spec.stats = type(engine.spec.stats)(accepted_at=[0] * k)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.monotonic()
-    outs = engine.generate(prompts, params)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    end = time.monotonic()
-    n = sum(len(o.output_token_ids) for o in outs)
-    decode = (n - len(outs)) / (end - max(o.first_token_time for o in outs))
-    return n / (end - t), decode, [o.output_token_ids for o in outs]
+    tokens = seconds = decode_tokens = decode_seconds = 0.0
+    outputs = []
+    for prompts in rounds:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.monotonic()
+        outs = engine.generate(prompts, params)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        end = time.monotonic()
+        n = sum(len(o.output_token_ids) for o in outs)
+        tokens, seconds = tokens + n, seconds + end - t
+        decode_tokens += n - len(outs)
+        decode_seconds += end - max(o.first_token_time for o in outs)
+        outputs += [o.output_token_ids for o in outs]
+    return tokens / seconds, decode_tokens / decode_seconds, outputs
 
 
 def replay_ms(graph, iters: int = 50) -> float:
@@ -77,6 +84,8 @@ def main():
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--prompts", type=int, default=8, help="at least this many prompts per batch size, in rounds of "
+                    "`batch` (acceptance varies from prompt to prompt: one prompt at batch 1 is a noisy figure)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--kv-budget", default="256MiB")
     args = ap.parse_args()
@@ -88,12 +97,13 @@ def main():
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
-        prompts = prompts_from_corpus(args.target, b)
+        prompts = prompts_from_corpus(args.target, b * max(1, args.prompts // b))
+        rounds = [prompts[i:i + b] for i in range(0, len(prompts), b)]
         cfg = EngineConfig(kv_budget=args.kv_budget, max_num_seqs=b, num_speculative_tokens=args.k,
                            speculative_max_batch=max(b, 1))
-        base_tps, base_dec, base_out = timed(Engine(target, tok, cfg), prompts, params, args.k)
+        base_tps, base_dec, base_out = timed(Engine(target, tok, cfg), rounds, params, args.k)
         spec_engine = Engine(target, tok, cfg, draft=draft)
-        spec_tps, spec_dec, spec_out = timed(spec_engine, prompts, params, args.k)
+        spec_tps, spec_dec, spec_out = timed(spec_engine, rounds, params, args.k)
         st = spec_engine.spec.stats
         # replays with the inputs of the last step (the step graph: draft steps + verification)
         graphs = {"target_step_ms": graph_ms(spec_engine.runner, b), "draft_step_ms": graph_ms(spec_engine.spec.runner, b),
@@ -108,7 +118,7 @@ def main():
         tag = gpu_tag() if torch.cuda.is_available() else "cpu"
         path = write_result(f"speculative_{tag}", {"bench": "speculative", **env_info(), "target": args.target,  # after each batch
                                                    "draft": args.draft, "k": args.k, "new_tokens": args.new_tokens,
-                                                   "results": rows})
+                                                   "prompts_at_least": args.prompts, "results": rows})
     print("decode: output tok/s after the first token; end to end: with prefill")
     print(f"{'batch':>5s} {'decode':>8s} {'spec':>8s} {'speedup':>8s} {'e2e':>8s} {'spec':>8s} {'speedup':>8s} "
           f"{'accept':>7s} {'len':>5s} identical")

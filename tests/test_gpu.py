@@ -53,3 +53,43 @@ def test_speculative_greedy_on_graphs_matches_target_alone():
     ref = _run(target, prompts, params, cuda_graphs=False)
     # two requests at a time: the 2 x 4 verification rows replay the fused step's graph
     assert _run(target, prompts, params, draft=draft, num_speculative_tokens=3, max_num_seqs=2, graphs=True) == ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [dict(d_model=512, n_heads=8, n_kv_heads=1, ffn_dim=1024, n_experts=4),
+                                   dict(d_model=1024, n_heads=16, n_kv_heads=4, ffn_dim=2816, n_experts=8)])
+def test_fused_step_matches_model_path_at_real_widths(shape, dtype):
+    """The fused step's tuned tiles (splits of K, tiles of experts' rows) at the widths of the
+    benchmark models: logits of 1 ... 40 rows against the model path in float64."""
+    from types import SimpleNamespace
+
+    from moekit.infer.fused_decode import FusedDecoder
+    from moekit.infer.kv_cache import PagedKVCache
+    from moekit.infer.runner import ModelRunner
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**CFG, "vocab_size": 512, "init_std": 0.02, **shape})).cuda().eval()
+    ref_model = build_model(model.cfg).cuda().double().eval()
+    ref_model.load_state_dict(model.state_dict())
+    model = model.to(dtype)
+    for B in (1, 2, 5, 8, 40):
+        kv = PagedKVCache(model.cfg, num_blocks=4 * B + 1, block_size=64, device="cuda", dtype=dtype)
+        kv64 = PagedKVCache(model.cfg, num_blocks=4 * B + 1, block_size=64, device="cuda", dtype=torch.float64)
+        runner = ModelRunner(model, kv, max_model_len=256, max_num_seqs=B, cuda_graphs=False)
+        runner64 = ModelRunner(ref_model, kv64, max_model_len=256, max_num_seqs=B, cuda_graphs=False)
+        g = torch.Generator().manual_seed(B)
+        lens = torch.randint(1, 200, (B,), generator=g).tolist()
+        reqs = [SimpleNamespace(blocks=list(range(1 + 4 * i, 5 + 4 * i))) for i in range(B)]
+        for r, L in zip(reqs, lens):
+            prompt = torch.randint(0, 512, (L,), generator=g).tolist()
+            runner.forward_chunks([(r, 0, prompt)])
+            runner64.forward_chunks([(r, 0, prompt)])
+        toks = torch.randint(0, 512, (B,), generator=g)
+        ref = runner64.forward_chunks([(r, L, [int(t)]) for r, L, t in zip(reqs, lens, toks)]).float()
+        tables = torch.tensor([r.blocks for r in reqs], dtype=torch.int32, device="cuda")
+        out = FusedDecoder(model, kv.k, kv.v)(
+            toks.cuda(), torch.tensor(lens, device="cuda"),
+            torch.tensor([r.blocks[L // 64] * 64 + L % 64 for r, L in zip(reqs, lens)], device="cuda"),
+            tables, torch.tensor(lens, dtype=torch.int32, device="cuda") + 1)
+        err = ((out - ref).norm() / ref.norm()).item()
+        assert err < (1e-4 if dtype == torch.float32 else 3e-2), (B, err)
