@@ -5,6 +5,58 @@ and avoids OpenMP oversubscription slowing the suite down many-fold when other w
 run, a parallel test runner) shares the two cores.
 """
 
+import httpx
+import openai
+import pytest
 import torch
+from serve_helpers import ENGINE_KW, make_checkpoint, start_server
+
+from moekit.infer.engine import Engine, EngineConfig
+from moekit.infer.generate import load_for_inference
 
 torch.set_num_threads(1)
+
+
+# -- the server tests' fixtures (test_serve.py, test_serve_robustness.py): one checkpoint and one
+# server for the session
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("serve-run"))
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(ckpt):
+    return ckpt[0]
+
+
+@pytest.fixture(scope="session")
+def tok(ckpt):
+    return ckpt[1]
+
+
+@pytest.fixture(scope="session")
+def srv(ckpt_dir):
+    s = start_server(ckpt_dir)
+    yield s
+    s.stop()
+    assert not s.thread.is_alive()
+
+
+@pytest.fixture(scope="session")
+def oai(srv):
+    client = openai.OpenAI(base_url=srv.v1, api_key="x", max_retries=0, timeout=30)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def http(srv):
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def ref_engine(ckpt_dir):
+    """An engine of its own over the same checkpoint, for greedy parity with the server."""
+    model, tok = load_for_inference(str(ckpt_dir), "cpu")
+    return Engine(model, tok, EngineConfig(**ENGINE_KW))

@@ -1,8 +1,11 @@
-"""Helpers for tests/test_serve.py: a tiny checkpoint built without the corpus, and real uvicorn
-servers running in background threads on free ports."""
+"""Helpers for the server tests (test_serve.py, test_serve_robustness.py): a tiny checkpoint built
+without the corpus, real uvicorn servers running in background threads on free ports, engine
+references, slowed engines and server-sent-event parsing."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import threading
 import time
@@ -13,10 +16,13 @@ from unittest import mock
 import httpx
 import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from moekit.config import ModelConfig, RunConfig
 from moekit.data.tokenizer import Tokenizer, train_tokenizer
 from moekit.infer.engine import Engine, EngineConfig
+from moekit.infer.sampling import SamplingParams
+from moekit.serve.chat import render_chat
 from moekit.model.transformer import Transformer
 from moekit.serve import server as server_mod
 from moekit.serve.app import ServerConfig
@@ -136,3 +142,64 @@ def wait_idle(url: str, timeout: float = 10.0) -> dict:
         if time.monotonic() > deadline:
             return h
         time.sleep(0.05)
+
+
+def engine_greedy(engine: Engine, prompt, max_tokens: int):
+    return engine.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens))[0]
+
+
+def chat_prompt(messages) -> str:
+    return render_chat(messages)
+
+
+def slow_down(engine: Engine, delay: float):
+    """Each engine step takes `delay` seconds longer, so a long request is still running when the test
+    acts on it (the tiny model makes ~1000 tokens a second otherwise). Returns the real step."""
+    real_step = engine.step
+
+    def step():
+        time.sleep(delay)
+        return real_step()
+
+    engine.step = step
+    return real_step
+
+
+@contextlib.contextmanager
+def slowed(engine: Engine, delay: float):
+    real_step = slow_down(engine, delay)
+    try:
+        yield
+    finally:
+        engine.step = real_step
+
+
+def iter_sse(lines):
+    """data: payloads of an SSE stream as they come, decoded; the final [DONE] kept as the string."""
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def sse_events(lines) -> list:
+    return list(iter_sse(lines))
+
+
+def comp(**kw):
+    """A /v1/completions body."""
+    return {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 2, **kw}
+
+
+def chat(**kw):
+    """A /v1/chat/completions body."""
+    return {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **kw}
+
+
+def metric_value(text: str, sample_name: str, **labels) -> float | None:
+    """A sample's value in a Prometheus exposition, or None."""
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
