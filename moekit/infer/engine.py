@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,21 @@ from moekit.infer.runner import ModelRunner
 from moekit.infer.sampling import Sampler, SamplingParams
 from moekit.infer.scheduler import Request, Scheduler, Status
 from moekit.model.transformer import Transformer
+
+
+@dataclass
+class _Ahead:
+    """A decode step launched but not yet read: its requests, their argmax tokens on the device and
+    a pinned copy of them on its way to the host."""
+    reqs: list[Request]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    copied: object  # CUDA event after the copy (None off the GPU)
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """Greedy without penalties or logprobs: the token is the logits' argmax."""
+    return p.temperature == 0 and not (p.presence_penalty or p.frequency_penalty or p.logprobs is not None)
 
 
 class Detokenizer:
@@ -70,6 +86,7 @@ class EngineConfig:
     speculative_max_batch: int = 8  # above this many running requests, decode without speculation
     fused_decode: bool = True  # small decode batches through the fused Triton step (GPU, CUDA graphs)
     compile: bool = False  # torch.compile the decode step in the CUDA graphs (GPU; measured slower on H100 so far)
+    lookahead: bool = True  # greedy graph decoding launches each step before reading the last one's tokens
     seed: int = 0
 
     def validate(self) -> "EngineConfig":
@@ -110,6 +127,8 @@ class Engine:
                                            cfg.num_speculative_tokens, self.sampler.shared, cfg.cuda_graphs,
                                            cfg.fused_decode)
         self.requests: dict[str, Request] = {}
+        self._ahead: _Ahead | None = None
+        self.lookahead_steps = 0  # steps launched before the previous step's tokens were read
         self._ids = itertools.count()
         self.eos_id = tokenizer.eot_id if tokenizer is not None else None
 
@@ -169,6 +188,8 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        if self._ahead is not None:
+            return self._step_ahead()
         batch = self.scheduler.schedule()
         if not batch.items:
             return []
@@ -183,9 +204,58 @@ class Engine:
             req.num_computed += n
         if not to_sample:
             return []
+        if len(to_sample) == len(batch.items) and self._lookahead_ok(batch):
+            self._ahead = self._read_later(to_sample, logits.argmax(-1))  # read by the next step
+            return []
         res = self.sampler(logits, [r.params for r in to_sample], [r.extra["generator"] for r in to_sample],
                            [r.output_ids for r in to_sample])
         return [self._append(req, tok, lp) for req, tok, lp in zip(to_sample, res.tokens, res.logprobs)]
+
+    # -- decoding one step ahead ------------------------------------------------------------------
+    # In steady greedy decoding on the graph path, the host's work for a step (reading the tokens,
+    # stop checks, detokenizing, outputs, staging the next inputs) overlaps the GPU's next step:
+    # each step's argmax tokens stay on the device and feed the next step's graph, which is
+    # launched before they are read. A request that stops on a token read late has computed one
+    # position too many, which is discarded with its blocks. Anything else (a waiting request,
+    # blocks running short, sampling, a request at its length limit) reads first and schedules.
+    def _lookahead_ok(self, batch) -> bool:
+        reqs = [req for req, _ in batch.items]
+        return (self.config.lookahead and self.spec is None and not self.scheduler.waiting
+                and all(n == 1 for _, n in batch.items) and self.runner.graph_fits(len(reqs))
+                and all(_plain_greedy(r.params) for r in reqs))
+
+    def _read_later(self, reqs: list[Request], tokens: torch.Tensor) -> _Ahead:
+        cuda = tokens.is_cuda
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
+        host.copy_(tokens, non_blocking=cuda)
+        copied = None
+        if cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        return _Ahead(reqs, tokens, host, copied)
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        ahead, self._ahead = self._ahead, None
+        # requests that go on after their pending token (unless it is a stop token)
+        go = [i for i, r in enumerate(ahead.reqs) if r.status is Status.RUNNING
+              and len(r.output_ids) + 1 < r.params.max_tokens and r.num_tokens + 1 < self.max_model_len]
+        reqs = [ahead.reqs[i] for i in go]
+        bs = self.config.block_size
+        need = [max(0, math.ceil((r.num_computed + 1) / bs) - len(r.blocks)) for r in reqs]
+        if (reqs and not self.scheduler.waiting and sum(need) <= self.kv.allocator.num_free
+                and self.runner.graph_fits(len(reqs))):
+            for r, n in zip(reqs, need):
+                r.blocks += self.kv.allocator.allocate(n)
+            tokens = ahead.tokens if len(go) == len(ahead.reqs) else ahead.tokens[self.runner.to_device(go)]
+            logits = self.runner.decode_rows([(r, r.num_computed, None) for r in reqs], tokens=tokens)
+            for r in reqs:
+                r.num_computed += 1
+            self._ahead = self._read_later(reqs, logits.argmax(-1))
+            self.lookahead_steps += 1
+        if ahead.copied is not None:
+            ahead.copied.synchronize()
+        return [self._append(r, tok, None) for r, tok in zip(ahead.reqs, ahead.host.tolist())
+                if r.status is Status.RUNNING]  # aborted meanwhile: dropped
 
     def _speculate(self, batch) -> bool:
         from moekit.infer.speculative import eligible

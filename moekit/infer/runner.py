@@ -66,7 +66,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
         """Returns logits [n, vocab] for the requests whose computed tokens reach their end."""
         items = batch.items
-        if all(n == 1 for _, n in items) and self._graph_fits(len(items)):
+        if all(n == 1 for _, n in items) and self.graph_fits(len(items)):
             return self._execute_graph(items)
         chunks = [(req, req.num_computed, req.all_ids[req.num_computed:req.num_computed + n]) for req, n in items]
         sample = [req for req, n in items if req.num_computed + n == req.num_tokens]
@@ -165,7 +165,7 @@ class ModelRunner:
         """Capture every graph size now (compiling and tuning the kernels for each), so that no
         request pays for a capture later."""
         for b in self.graph_sizes:
-            if b not in self.graphs and self._graph_fits(b):
+            if b not in self.graphs and self.graph_fits(b):
                 self.capture_graph(b)
 
     def _execute_graph(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
@@ -177,7 +177,7 @@ class ModelRunner:
             logits = logits[ends]
         return logits, [items[i][0] for i in ends]
 
-    def _graph_fits(self, n: int) -> bool:
+    def graph_fits(self, n: int) -> bool:
         """Whether n one-token rows replay a CUDA graph."""
         return bool(self.graph_sizes) and n <= self.graph_sizes[-1] and self.capturable(n)
 
@@ -225,7 +225,7 @@ class ModelRunner:
         are then None), so a caller can feed back tokens it has not read. Returns logits
         [len(rows), vocab]: a replayed CUDA graph where one fits, else the packed forward."""
         n = len(rows)
-        if not self._graph_fits(n):
+        if not self.graph_fits(n):
             if tokens is not None:
                 rows = [(r, p, t) for (r, p, _), t in zip(rows, tokens.tolist())]
             chunks: list[tuple[Request, int, list[int]]] = []

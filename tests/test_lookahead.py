@@ -1,0 +1,102 @@
+"""Decoding one step ahead: greedy graph steps are launched before the previous step's tokens are
+read. Outputs, finish reasons and KV accounting must equal reading every step, whatever stops
+a request (length, a stop token, a stop string, an abort) and whoever arrives meanwhile.
+
+Off the GPU the graph path runs its static step eagerly (runner.graph_sizes set by hand)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from moekit.infer.engine import Engine, EngineConfig
+from moekit.infer.sampling import SamplingParams
+
+from engine_helpers import (BS, assert_engine_idle, budget_for_blocks, get_model, get_tokenizer, greedy_reference,
+                            random_prompts, tok_model)
+
+
+def _engine(model, tokenizer=None, lookahead: bool = True, **kw) -> Engine:
+    eng = Engine(model, tokenizer, EngineConfig(block_size=BS, lookahead=lookahead,
+                                                **{"kv_budget": "1MiB", "max_num_seqs": 6, **kw}))
+    eng.runner.graph_sizes = [1, 2, 4, 8]  # as on GPU with cuda_graphs
+    return eng
+
+
+def _params(rng: random.Random, prompts, model) -> list[SamplingParams]:
+    """Mixed limits; a third of the requests stop on a token their greedy output reaches."""
+    out = []
+    for i, p in enumerate(prompts):
+        n = rng.randint(1, 14)
+        stop = []
+        if i % 3 == 0:
+            ref = greedy_reference(model, p, n)
+            stop = [ref[len(ref) // 2]]
+        out.append(SamplingParams(max_tokens=n, temperature=0, stop_token_ids=stop))
+    return out
+
+
+@pytest.mark.parametrize("budget_blocks", [None, 10, 12])  # 10, 12 blocks: preemption between lookahead runs
+def test_lookahead_equals_reading_every_step(budget_blocks):
+    model = get_model()
+    rng = random.Random(0)
+    prompts = random_prompts(rng, [rng.randint(1, 20) for _ in range(12)])
+    params = _params(rng, prompts, model)
+    kw = {} if budget_blocks is None else {"kv_budget": str(budget_for_blocks(model, budget_blocks))}
+    ref = _engine(model, lookahead=False, **kw).generate(prompts, params)
+    eng = _engine(model, **kw)
+    out = eng.generate(prompts, params)
+    assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]
+    assert [o.finish_reason for o in out] == [o.finish_reason for o in ref]
+    assert {o.finish_reason for o in out} == {"stop", "length"}
+    assert eng.lookahead_steps > 0
+    if budget_blocks is not None:
+        assert eng.scheduler.num_preemptions > 0
+    assert_engine_idle(eng)
+
+
+def test_lookahead_with_arrivals_and_aborts():
+    """Requests join one per step (the lookahead pauses to admit them) and two are aborted while a
+    step is in flight; the others decode exactly their greedy reference."""
+    model = get_model()
+    rng = random.Random(1)
+    prompts = random_prompts(rng, [rng.randint(1, 12) for _ in range(8)])
+    params = [SamplingParams(max_tokens=10 + i, temperature=0) for i in range(len(prompts))]
+    eng = _engine(model, max_num_seqs=4)
+    rids = [eng.add_request(p, sp) for p, sp in zip(prompts[:3], params[:3])]
+    final, aborted, later = {}, set(), list(zip(prompts[3:], params[3:]))
+    while later or eng.has_unfinished():
+        if later:
+            rids.append(eng.add_request(*later.pop(0)))
+        for out in eng.step():
+            assert out.request_id not in final and out.request_id not in aborted
+            if out.finished:
+                final[out.request_id] = out
+        if eng._ahead is not None and len(aborted) < 2:  # a step launched, not yet read
+            rid = next((r.id for r in eng._ahead.reqs if r.id in eng.requests), None)
+            if rid is not None:
+                assert eng.abort(rid)
+                aborted.add(rid)
+    assert len(aborted) == 2 and eng.lookahead_steps > 0
+    for rid, prompt, sp in zip(rids, prompts, params):
+        if rid not in aborted:
+            assert final[rid].output_token_ids == greedy_reference(model, prompt, sp.max_tokens)
+    assert_engine_idle(eng)
+
+
+def test_lookahead_stop_strings_and_text():
+    """Text, stop strings and the released deltas are those of reading every step."""
+    model, tok = tok_model(), get_tokenizer()
+    prompts = ["the quick", "a stitch", "the lazy dog"]
+    ref_eng = _engine(model, tok, lookahead=False)
+    ref = ref_eng.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
+    stops = [o.text[5:8] for o in ref]  # strings the greedy text reaches
+    params = [SamplingParams(max_tokens=24, temperature=0, stop=[s]) for s in stops]
+    want = _engine(model, tok, lookahead=False).generate(prompts, params)
+    eng = _engine(model, tok)
+    got = eng.generate(prompts, params)
+    assert [(o.text, o.finish_reason, o.output_token_ids) for o in got] == \
+        [(o.text, o.finish_reason, o.output_token_ids) for o in want]
+    assert all(o.finish_reason == "stop" for o in got) and eng.lookahead_steps > 0
+    assert_engine_idle(eng)
