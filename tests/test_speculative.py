@@ -91,6 +91,22 @@ def test_greedy_speculation_on_the_graph_path(draft_kind, budget):
         assert 0.1 < stats["spec_acceptance_rate"] < 0.95
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_no_speculation_while_a_prefill_is_unfinished(graphs):
+    """A tiny token budget gives a prompt one-token chunks that are not its last: such a step is no
+    decode step, and speculating on it would verify at the wrong positions."""
+    target, small = _models()
+    prompts, params = [[5, 9, 11], [7, 3], [1, 2, 3, 4, 5]], SamplingParams(max_tokens=12, temperature=0)
+    cfg = dict(kv_budget="1MiB", block_size=4, max_num_batched_tokens=2)
+    ref = Engine(target, None, EngineConfig(**cfg)).generate(prompts, params)
+    eng = Engine(target, None, EngineConfig(**cfg, num_speculative_tokens=3), draft=copy.deepcopy(target))
+    if graphs:
+        eng.runner.graph_sizes = eng.spec.runner.graph_sizes = [1, 2, 4, 8, 16]
+    outs = eng.generate(prompts, params)
+    assert [o.output_token_ids for o in outs] == [o.output_token_ids for o in ref]
+    assert eng.spec.stats.steps > 0 and eng.stats()["kv_blocks_used"] == 0
+
+
 def test_speculation_switches_off_above_its_batch_size():
     target, small = _models()
     eng = Engine(target, None, EngineConfig(kv_budget="1MiB", block_size=4, speculative_max_batch=2), draft=small)

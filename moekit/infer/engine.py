@@ -260,8 +260,9 @@ class Engine:
     def _speculate(self, batch) -> bool:
         from moekit.infer.speculative import eligible
 
-        return (all(n == 1 for _, n in batch.items) and len(batch.items) <= self.config.speculative_max_batch
-                and all(eligible(req) for req, _ in batch.items))
+        # decoding only: a one-token chunk of a prefill that has more to go is not a decode step
+        return (all(n == 1 and req.num_computed == req.num_tokens - 1 for req, n in batch.items)
+                and len(batch.items) <= self.config.speculative_max_batch and all(eligible(req) for req, _ in batch.items))
 
     def _speculative_step(self, reqs: list[Request]) -> list[RequestOutput] | None:
         emitted = self.spec.step(self.runner, reqs)

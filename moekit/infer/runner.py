@@ -139,13 +139,15 @@ class ModelRunner:
         """Capture the decode step for batch size b (on first use; all sizes share one memory
         pool)."""
         buf = self._graph_inputs(b)
-        self.graphs[b] = (self.capture(lambda: buf.__setitem__("logits", self._run_static(buf)), share_pool=True), buf)
+        g = self.capture(lambda: buf.__setitem__("logits", self._run_static(buf)), self.pool)
+        self.pool = getattr(g, "pool", lambda: None)()
+        self.graphs[b] = (g, buf)
 
     @torch.inference_mode()
-    def capture(self, fn, share_pool: bool = False):
+    def capture(self, fn, pool=None):
         """A CUDA graph of fn() after two warm-up runs (Triton compilation and tuning, cuBLAS
-        handles); in this runner's memory pool with share_pool, else in a pool of its own. Off the
-        GPU the 'graph' runs fn eagerly (tests use it)."""
+        handles), in the given memory pool (graphs that never run at the same time may share one)
+        or a new one. Off the GPU the 'graph' runs fn eagerly (tests use it)."""
         if self.device.type != "cuda":
             return _EagerGraph(fn)
         stream = torch.cuda.Stream()
@@ -155,10 +157,8 @@ class ModelRunner:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool if share_pool else None):
+        with torch.cuda.graph(g, pool=pool):
             fn()
-        if share_pool:
-            self.pool = g.pool()
         return g
 
     def capture_all(self) -> None:

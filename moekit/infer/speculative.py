@@ -92,7 +92,10 @@ class SpeculativeDecoder:
         self.block_size, self.k, self.max_model_len = target_kv.block_size, k, max_model_len
         self.shared = shared_generator
         self.stats = SpecStats(accepted_at=[0] * k)
-        self.step_graphs: dict[int, tuple] = {}  # requests -> (graph, device stage, pinned stage, pinned out)
+        # requests -> (graph, device stage, {"best": graph output}, pinned stage, pinned result); the
+        # step graphs share one memory pool (they never run at the same time)
+        self.step_graphs: dict[int, tuple] = {}
+        self._pool = None
 
     # -- keeping the draft's cache in step with the target ---------------------------------
     def _draft_start(self, req: Request) -> int:
@@ -225,7 +228,7 @@ class SpeculativeDecoder:
         B = len(reqs)
         if not (target.graph_sizes and self.runner.graph_sizes) or target.max_blocks != self.runner.max_blocks:
             return False
-        if any(r.num_tokens - self._draft_start(r) > 2 or r.num_tokens < 2 for r in reqs):
+        if any(r.num_tokens - self._draft_start(r) > 2 or r.num_computed != r.num_tokens - 1 for r in reqs):
             return False  # the draft lags by more than one position: the general path catches it up
         return self._sizes_capturable(target, B)
 
@@ -265,7 +268,8 @@ class SpeculativeDecoder:
             stage = torch.zeros(rows, width, dtype=torch.int32, device=target.device)
             stage[:, 3] = 1  # position 0 of the scratch block until staged
             out = {}
-            graph = target.capture(lambda: out.__setitem__("best", self._static_step(target, stage, B)))
+            graph = target.capture(lambda: out.__setitem__("best", self._static_step(target, stage, B)), self._pool)
+            self._pool = getattr(graph, "pool", lambda: None)()
             pin = target.device.type == "cuda"
             self.step_graphs[B] = (graph, stage, out, torch.zeros(rows, width, dtype=torch.int32, pin_memory=pin),
                                    torch.zeros(B, self.k + 2, dtype=torch.int32, pin_memory=pin))
