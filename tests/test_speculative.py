@@ -12,7 +12,7 @@ from moekit.config import ModelConfig
 from moekit.errors import ConfigError
 from moekit.infer.engine import Engine, EngineConfig
 from moekit.infer.sampling import SamplingParams
-from moekit.infer.speculative import accept
+from moekit.infer.speculative import accept, accept_batched
 from moekit.model.transformer import build_model
 
 TARGET = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=128, n_experts=4,
@@ -133,6 +133,51 @@ def test_acceptance_rule_reproduces_the_target_distribution():
     assert chi2 < 18.47  # 99.9% quantile of chi-square with 4 degrees of freedom
     # acceptance probability is sum_x min(p(x), q(x)) in closed form
     assert accepted / n == pytest.approx(float(torch.minimum(p[0], q[0]).sum()), abs=0.01)
+
+
+def test_batched_acceptance_reproduces_the_target_distribution():
+    """accept_batched on 40000 rows at once, k = 2 (chi-square, fixed seed): the first emitted token
+    follows p[0], the second (where a second is emitted) follows p[1]; the first proposal is
+    accepted with probability sum_x min(p(x), q(x))."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.05, 0.3, 0.3, 0.3], [0.2] * 5], dtype=torch.float64)
+    q = torch.tensor([[0.1, 0.1, 0.3, 0.3, 0.2], [0.3, 0.3, 0.2, 0.1, 0.1]], dtype=torch.float64)
+    n, k = 40000, 2
+    props = torch.stack([torch.multinomial(q[j], n, replacement=True, generator=g) for j in range(k)], 1)
+    u = torch.rand(n, k, generator=g, dtype=torch.float64)
+    e = torch.empty(n, 5, dtype=torch.float64).exponential_(generator=g)
+    out, emitted = accept_batched(props, q.expand(n, k, 5), p.expand(n, k + 1, 5), u, e)
+    assert out.shape == (n, k + 1) and int(emitted.min()) >= 1 and int(emitted.max()) <= k + 1
+    for pos in range(2):
+        toks = out[emitted > pos, pos]
+        counts = torch.bincount(toks, minlength=5).double()
+        expected = p[pos] * len(toks)
+        assert float(((counts - expected) ** 2 / expected).sum()) < 18.47  # 99.9% quantile, 4 dof
+    first_accepted = (emitted > 1).double().mean()
+    assert float(first_accepted) == pytest.approx(float(torch.minimum(p[0], q[0]).sum()), abs=0.01)
+
+
+def test_sampled_speculation_in_the_engine():
+    """Sampling through the engine with speculation: seeded requests reproduce their outputs, the
+    target drafting for itself has every proposal accepted (p = q), greedy requests in the same
+    batch give the target's greedy tokens, and no blocks are left behind."""
+    target, _ = _models()
+    prompts = _prompts(6)
+    params = [SamplingParams(max_tokens=20, temperature=0.8, top_k=20, seed=i) if i % 3 else
+              SamplingParams(max_tokens=20, temperature=0) for i in range(6)]
+
+    def run():
+        eng = Engine(target, None, EngineConfig(kv_budget="1MiB", block_size=4, num_speculative_tokens=3),
+                     draft=copy.deepcopy(target))
+        return eng, [o.output_token_ids for o in eng.generate(prompts, params)]
+
+    eng, first = run()
+    assert run()[1] == first
+    stats = eng.stats()
+    assert stats["spec_acceptance_rate"] == 1.0 and stats["kv_blocks_used"] == 0
+    ref = Engine(target, None, EngineConfig(kv_budget="1MiB", block_size=4)).generate(
+        [p for i, p in enumerate(prompts) if i % 3 == 0], SamplingParams(max_tokens=20, temperature=0))
+    assert [first[i] for i in range(6) if i % 3 == 0] == [o.output_token_ids for o in ref]
 
 
 def test_draft_must_share_the_vocabulary():

@@ -41,26 +41,15 @@ class SpecStats:
         return (self.accepted + rows) / rows if rows else 0.0
 
 
-def distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The sampling distribution of one request over the vocabulary: logits [n, V] -> probs [n, V]
-    (greedy = one-hot argmax)."""
-    logits = logits.float()
-    if p.temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    n = logits.shape[0]
-    masked = top_k_top_p_mask(logits / p.temperature, torch.full((n,), p.top_k, device=logits.device),
-                              torch.full((n,), p.top_p, device=logits.device))
-    return masked.softmax(-1)
-
-
 def _draw(probs: torch.Tensor, gen) -> int:
     return int(torch.multinomial(probs, 1, generator=gen).item())
 
 
 def accept(proposals: list[int], q: torch.Tensor, p: torch.Tensor, gen) -> list[int]:
-    """Leviathan et al.'s rule. proposals: k draft tokens drawn from q [k, V]; p: target
-    distributions [k + 1, V]. Returns the emitted tokens (accepted prefix + one more): their
-    distribution is exactly the target's."""
+    """Leviathan et al.'s rule, one request and one token at a time (the reference for
+    accept_batched). proposals: k draft tokens drawn from q [k, V]; p: target distributions
+    [k + 1, V]. Returns the emitted tokens (accepted prefix + one more): their distribution is
+    exactly the target's."""
     emitted = []
     for j, x in enumerate(proposals):
         u = torch.rand((), generator=gen, device=p.device).item()
@@ -72,6 +61,52 @@ def accept(proposals: list[int], q: torch.Tensor, p: torch.Tensor, gen) -> list[
         return emitted
     emitted.append(_draw(p[len(proposals)], gen))  # every proposal accepted: a bonus token
     return emitted
+
+
+def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's sampling distribution, rows with their own parameters: logits [n, V] -> probs
+    [n, V] (greedy rows one-hot at the argmax)."""
+    logits = logits.float()
+    dev = logits.device
+    greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    if bool(greedy.all()):
+        return one_hot
+    temps = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
+    masked = top_k_top_p_mask(logits / temps[:, None], torch.tensor([p.top_k for p in params], device=dev),
+                              torch.tensor([p.top_p for p in params], device=dev))
+    return torch.where(greedy[:, None], one_hot, masked.softmax(-1))
+
+
+def exponentials(shape: tuple, gens: list, device) -> torch.Tensor:
+    """Exp(1) draws [len(gens), *shape], row i from generator gens[i]."""
+    out = torch.empty(len(gens), *shape, device=device)
+    for i, g in enumerate(gens):
+        out[i].exponential_(generator=g)
+    return out
+
+
+def accept_batched(proposals: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u: torch.Tensor,
+                   e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leviathan et al.'s rule for a batch on the device, without reading anything: proposals
+    [B, k] drawn from q [B, k, V]; target distributions p [B, k + 1, V]; u [B, k] ~ U(0, 1) and
+    e [B, V] ~ Exp(1) the randomness. Proposal j is accepted with probability min(1, p(x) / q(x));
+    the first rejected one is replaced by a draw from norm(max(0, p - q)) (from p when that is
+    empty), and a fully accepted run earns a draw from p[k]; draws are exponential races, argmax
+    d / e, which pick each token with probability proportional to d. Returns the emitted tokens
+    [B, k + 1] (valid up to n) and their number n [B]."""
+    B, k = proposals.shape
+    px = p[:, :k].gather(2, proposals[..., None])[..., 0]
+    qx = q.gather(2, proposals[..., None])[..., 0]
+    accepted = ((qx > 0) & (u * qx <= px)).int().cumprod(1).sum(1)  # [B]
+    rows = torch.arange(B, device=p.device)
+    p_a = p[rows, accepted]  # [B, V]: the target's distribution where the run stops
+    q_a = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, accepted]  # zero after a full run: p itself
+    residual = (p_a - q_a).clamp(min=0)
+    d = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)
+    out = torch.cat([proposals, proposals[:, :1]], 1)
+    out[rows, accepted] = (d / e).argmax(-1)
+    return out, accepted + 1
 
 
 def eligible(req: Request) -> bool:
@@ -163,33 +198,37 @@ class SpeculativeDecoder:
             return None
         if all(r.params.temperature == 0 for r in reqs):
             return self._commit(reqs, self._greedy(target, reqs))
-        k = self.k
-        # 1. the draft catches up to the last sampled token and proposes k tokens
-        proposals = [[] for _ in reqs]
-        q_dists = [[] for _ in reqs]
+        return self._commit(reqs, self._sampled(target, reqs))
+
+    def _sampled(self, target: ModelRunner, reqs: list[Request]) -> list[list[int]]:
+        """Any sampling parameters: proposals drawn on the device (exponential races, each request
+        with its own generator), accepted or rejected there (accept_batched), read once."""
+        k, B = self.k, len(reqs)
+        gens = [r.extra.get("generator") or self.shared for r in reqs]
+        params = [r.params for r in reqs]
+        dev = target.device
         rows, last = self._catch_up_rows(reqs)
-        logits = self.runner.decode_rows(rows)[last]  # [B, V]
+        logits = self.runner.decode_rows(rows)
+        if len(rows) > B:  # some request caught up more than one position
+            logits = logits[self.runner.to_device(last)]
+        qs, proposals = [], []
         for j in range(k):
-            for i, r in enumerate(reqs):
-                q = distribution(logits[i:i + 1], r.params)[0]
-                q_dists[i].append(q)
-                proposals[i].append(_draw(q, r.extra.get("generator") or self.shared))
-            if j == k - 1:
-                break
-            pos = [r.num_tokens + j for r in reqs]
-            logits = self.runner.decode_rows([(r, p, proposals[i][j]) for i, (r, p) in enumerate(zip(reqs, pos))])
-
-        # 2. the target scores the last token and all k proposals in one forward: k + 1 rows each
-        rows = [(r, r.num_computed + j, t) for i, r in enumerate(reqs) for j, t in enumerate([r.all_ids[-1]] + proposals[i])]
-        p_logits = target.decode_rows(rows).view(len(reqs), k + 1, -1)
-
-        # 3. accept or reject, request by request
-        emitted = []
-        for i, r in enumerate(reqs):
-            gen = r.extra.get("generator") or self.shared
-            p_all = distribution(p_logits[i], r.params)  # [k + 1, V]
-            emitted.append(accept(proposals[i], torch.stack(q_dists[i]), p_all, gen))
-        return self._commit(reqs, emitted)
+            q = distributions(logits, params)  # [B, V]
+            tok = (q / exponentials(q.shape[1:], gens, dev)).argmax(-1)
+            qs.append(q)
+            proposals.append(tok)
+            if j < k - 1:
+                logits = self.runner.decode_rows([(r, r.num_tokens + j, None) for r in reqs], tokens=tok)
+        props = torch.stack(proposals, 1)  # [B, k]
+        last_tok = target.to_device([r.all_ids[-1] for r in reqs])
+        tokens = torch.cat([last_tok[:, None], props], 1).view(-1)
+        rows = [(r, r.num_computed + j, None) for r in reqs for j in range(k + 1)]
+        p_logits = target.decode_rows(rows, tokens=tokens)  # [B * (k + 1), V]
+        p = distributions(p_logits, [prm for prm in params for _ in range(k + 1)]).view(B, k + 1, -1)
+        u = torch.stack([torch.rand(k, generator=g, device=dev) for g in gens])
+        out, n = accept_batched(props, torch.stack(qs, 1), p, u, exponentials(p.shape[2:], gens, dev))
+        host = torch.cat([out, n[:, None]], 1).tolist()
+        return [row[:row[-1]] for row in host]
 
     def _greedy(self, target: ModelRunner, reqs: list[Request]) -> list[list[int]]:
         """All requests greedy: proposals are the draft's argmax tokens and stay on the device
