@@ -87,6 +87,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=8, help="at least this many prompts per batch size, in rounds of "
                     "`batch` (acceptance varies from prompt to prompt: one prompt at batch 1 is a noisy figure)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy, outputs compared)")
     ap.add_argument("--kv-budget", default="256MiB")
     args = ap.parse_args()
 
@@ -94,7 +95,8 @@ def main():
     draft = load_draft(args.draft, tok, args.device)
     if next(target.parameters()).is_cuda:
         target, draft = target.to(torch.bfloat16), draft.to(torch.bfloat16)
-    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=args.temperature, seed=0 if args.temperature else None,
+                            ignore_eos=True)
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = prompts_from_corpus(args.target, b * max(1, args.prompts // b))
@@ -112,12 +114,13 @@ def main():
         rows.append({**graphs, "batch": b, "decode_tok_s": base_dec, "decode_tok_s_speculative": spec_dec,
                      "decode_speedup": spec_dec / base_dec,
                      "tok_s": base_tps, "tok_s_speculative": spec_tps, "speedup": spec_tps / base_tps,
-                     "identical_greedy": spec_out == base_out, "acceptance_rate": st.acceptance_rate,
+                     "identical_greedy": spec_out == base_out if args.temperature == 0 else None, "acceptance_rate": st.acceptance_rate,
                      "mean_accepted_length": st.mean_accepted_length, "accepted_at_position": st.accepted_at})
         print(rows[-1], flush=True)
         tag = gpu_tag() if torch.cuda.is_available() else "cpu"
         path = write_result(f"speculative_{tag}", {"bench": "speculative", **env_info(), "target": args.target,  # after each batch
                                                    "draft": args.draft, "k": args.k, "new_tokens": args.new_tokens,
+                                                   "temperature": args.temperature,
                                                    "prompts_at_least": args.prompts, "results": rows})
     print("decode: output tok/s after the first token; end to end: with prefill")
     print(f"{'batch':>5s} {'decode':>8s} {'spec':>8s} {'speedup':>8s} {'e2e':>8s} {'spec':>8s} {'speedup':>8s} "

@@ -139,6 +139,7 @@ class TrainConfig:
     distill_from: str = ""  # train against this model's logits (a draft for speculative decoding)
     distill_alpha: float = 1.0  # weight of the distillation KL; 1 - alpha stays on the data's tokens
     distill_temperature: float = 1.0
+    distill_loss: str = "kl"  # "kl" (forward KL) or "tvd" (total variation: 1 - the sampled acceptance rate)
     init_from: str = ""  # start from these weights (moekit run or Hugging Face dir); its model config wins
     sample_prompt: str = "def "
     sample_tokens: int = 120
@@ -155,6 +156,8 @@ class TrainConfig:
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             raise ConfigError("need 0 <= distill_alpha <= 1 and distill_temperature > 0")
+        if self.distill_loss not in ("kl", "tvd"):
+            raise ConfigError(f"distill_loss must be 'kl' or 'tvd', got {self.distill_loss!r}")
         if self.pp_schedule not in ("1f1b", "gpipe"):
             raise ConfigError(f"pp_schedule must be 1f1b or gpipe, got {self.pp_schedule!r}")
         if self.ckpt_format not in ("full", "dcp"):

@@ -200,6 +200,9 @@ def test_distill_loss_closed_form():
     # temperature T softens both and scales by T^2
     p2, q2 = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
     assert distill_loss(s, t, 2.0).item() == pytest.approx(4 * (p2 * (p2.log() - q2.log())).sum().item(), rel=1e-6)
+    # total variation: 1 - sum min(p, q), the probability that speculative sampling rejects
+    q = torch.full((3,), 1 / 3)
+    assert distill_loss(s, t, kind="tvd").item() == pytest.approx(1 - torch.minimum(p[0], q).sum().item(), rel=1e-6)
 
 
 def test_distilled_draft_learns_the_target(tmp_path):

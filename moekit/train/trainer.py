@@ -51,12 +51,16 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.o
                              fused=device.type == "cuda")
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) per token, averaged, on logits [..., V] softened by the temperature
-    and scaled by T^2 so gradients keep their size (Hinton et al., 2015)."""
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, kind: str = "kl") -> torch.Tensor:
+    """Per token, averaged, on logits [..., V] softened by the temperature: "kl" is KL(teacher ||
+    student) scaled by T^2 so gradients keep their size (Hinton et al., 2015); "tvd" is the total
+    variation distance 1/2 |p - q|_1, whose complement is exactly the rate at which speculative
+    sampling accepts the student's proposals (Leviathan et al., 2023)."""
     t = temperature
     log_s = torch.log_softmax(student.float() / t, -1)
     log_t = torch.log_softmax(teacher.float() / t, -1)
+    if kind == "tvd":
+        return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1).mean()
     return (log_t.exp() * (log_t - log_s)).sum(-1).mean() * t * t
 
 
@@ -212,7 +216,7 @@ class Trainer:
                 if self.teacher is not None:
                     with torch.no_grad():
                         teacher_logits = self.teacher(x).logits
-                    kl = distill_loss(out.logits, teacher_logits, tc.distill_temperature)
+                    kl = distill_loss(out.logits, teacher_logits, tc.distill_temperature, tc.distill_loss)
                     loss = loss + tc.distill_alpha * (kl - out.ce_loss)
                     distill = distill + kl.detach() / accum
             (loss / accum).backward()
