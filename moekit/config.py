@@ -140,6 +140,10 @@ class TrainConfig:
     distill_alpha: float = 1.0  # weight of the distillation KL; 1 - alpha stays on the data's tokens
     distill_temperature: float = 1.0
     distill_loss: str = "kl"  # "kl" (forward KL) or "tvd" (total variation: 1 - the sampled acceptance rate)
+    # share of micro-batches whose sequences the teacher writes itself: the first quarter of a corpus
+    # sequence, continued greedily by the teacher (on-policy distillation: the text the draft will be
+    # asked to predict when it drafts for greedy decoding)
+    distill_on_policy: float = 0.0
     init_from: str = ""  # start from these weights (moekit run or Hugging Face dir); its model config wins
     sample_prompt: str = "def "
     sample_tokens: int = 120
@@ -156,6 +160,10 @@ class TrainConfig:
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             raise ConfigError("need 0 <= distill_alpha <= 1 and distill_temperature > 0")
+        if not 0 <= self.distill_on_policy <= 1 or (self.distill_on_policy and not self.distill_from):
+            raise ConfigError("distill_on_policy is a share in [0, 1] and needs distill_from")
+        if self.distill_on_policy and self.pp > 1:
+            raise ConfigError("distill_on_policy does not run with pipeline parallelism")
         if self.distill_loss not in ("kl", "tvd"):
             raise ConfigError(f"distill_loss must be 'kl' or 'tvd', got {self.distill_loss!r}")
         if self.pp_schedule not in ("1f1b", "gpipe"):

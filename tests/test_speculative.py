@@ -205,10 +205,25 @@ def test_distill_loss_closed_form():
     assert distill_loss(s, t, kind="tvd").item() == pytest.approx(1 - torch.minimum(p[0], q).sum().item(), rel=1e-6)
 
 
-def test_distilled_draft_learns_the_target(tmp_path):
+@pytest.mark.parametrize("on_policy", [0.0, 0.5])
+def test_distilled_draft_learns_the_target(tmp_path, monkeypatch, on_policy):
     """A short distillation run on the bundled corpus: the KL to the target falls, and the draft
-    then serves as the speculative model of that target with identical greedy output."""
+    then serves as the speculative model of that target with identical greedy output. On policy,
+    half the micro-batches are the target's own greedy continuations of a corpus prefix (checked
+    against a full-recompute greedy loop)."""
     import json
+
+    from moekit.train.trainer import Trainer
+
+    written = []
+    real = Trainer._teacher_writes
+
+    def spy(self, x):
+        out = real(self, x)
+        written.append((x, out))
+        return out
+
+    monkeypatch.setattr(Trainer, "_teacher_writes", spy)
 
     from moekit.config import DataConfig, RunConfig, TrainConfig
     from moekit.infer.generate import load_for_inference
@@ -224,9 +239,19 @@ def test_distilled_draft_learns_the_target(tmp_path):
     train_main(target_cfg, progress=False)
     draft_cfg = RunConfig(model=ModelConfig(vocab_size=512, d_model=16, n_layers=1, n_heads=2, ffn_dim=32,
                                             n_experts=2, top_k=1, max_seq_len=64),
-                          train=TrainConfig(out_dir=str(tmp_path / "draft"), steps=20,
+                          train=TrainConfig(out_dir=str(tmp_path / "draft"), steps=20, distill_on_policy=on_policy,
                                             distill_from=str(tmp_path / "target"), **common), data=data)
     train_main(draft_cfg, progress=False)
+    assert len(written) == int(20 * on_policy)
+    if written:
+        from engine_helpers import greedy_reference
+
+        teacher, _ = load_for_inference(str(tmp_path / "target"), "cpu")
+        for x, (xs, ys) in written[:2]:
+            assert xs.shape == ys.shape == x.shape and torch.equal(xs[:, 1:], ys[:, :-1])
+            for row, new, target_row in zip(x, xs, ys):
+                prefix = row[:8].tolist()  # a quarter of seq_len 32, then 25 tokens of the teacher's
+                assert new.tolist() + [int(target_row[-1])] == prefix + greedy_reference(teacher, prefix, 25)
     recs = [json.loads(x) for x in (tmp_path / "draft" / "metrics.jsonl").read_text().splitlines()]
     kl = [r["distill_kl"] for r in recs if "distill_kl" in r]
     assert len(kl) == 20 and sum(kl[-5:]) / 5 < sum(kl[:5]) / 5

@@ -102,6 +102,7 @@ class Trainer:
 
             self.teacher, _ = load_for_inference(cfg.train.distill_from, str(device))
             self.teacher.requires_grad_(False)
+        self._teacher_engine = None
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -205,10 +206,12 @@ class Trainer:
             shards, shard = data_shard(self.dist.mesh)  # dp x ep shards; tp ranks read the same rows
         else:
             shards, shard = 1, 0
-        for _ in range(accum):
+        for _micro in range(accum):
             # every rank reads the same stream and keeps its own slice of the global micro-batch
             x, y = self.data.mixture.next_batch(tc.micro_batch * shards, tc.seq_len)  # [shards*B, T]
             x, y = x[shard * tc.micro_batch:(shard + 1) * tc.micro_batch], y[shard * tc.micro_batch:(shard + 1) * tc.micro_batch]
+            if self._on_policy(accum, _micro):
+                x, y = self._teacher_writes(x)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast_for(self.device, tc.dtype):
                 out = self.forward(x, y)
@@ -253,6 +256,36 @@ class Trainer:
         self.step += 1
         return StepResult(loss, bal.item(), z.item(), grad_norm.item(),
                           load.tolist() if load is not None else [], dropped.item(), distill.item())
+
+    # -- on-policy distillation ---------------------------------------------------------------------
+    def _on_policy(self, accum: int, micro: int) -> bool:
+        """Whether this micro-batch is written by the teacher: a fixed share of them, spread evenly
+        (decided by the step and the micro-batch, so a resumed run decides alike)."""
+        f = self.cfg.train.distill_on_policy
+        m = self.step * accum + micro
+        return f > 0 and int((m + 1) * f) > int(m * f)
+
+    @torch.no_grad()
+    def _teacher_writes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first quarter of each row of x, continued greedily by the teacher through the
+        inference engine to seq_len + 1 tokens: (inputs, next-token targets), as next_batch."""
+        from moekit.infer.engine import Engine, EngineConfig
+        from moekit.infer.sampling import SamplingParams
+
+        B, T = x.shape
+        prefix = max(1, T // 4)
+        if self._teacher_engine is None:
+            kv_bytes = 2 * self.teacher.cfg.n_layers * self.teacher.cfg.n_kv_heads * self.teacher.cfg.hd * 4
+            budget = 2 * B * (T + 64) * kv_bytes  # room for all rows at once (float32 bound)
+            self._teacher_engine = Engine(self.teacher, None, EngineConfig(kv_budget=str(budget), max_num_seqs=B,
+                                                                           max_num_batched_tokens=max(1024, B * prefix)))
+        total = min(T + 1, self._teacher_engine.max_model_len)  # T + 1 tokens where the teacher's context allows
+        outs = self._teacher_engine.generate([row[:prefix].tolist() for row in x],
+                                             SamplingParams(max_tokens=total - prefix, temperature=0, ignore_eos=True))
+        seqs = torch.tensor([row[:prefix].tolist() + o.output_token_ids for row, o in zip(x, outs)])
+        y = torch.full((B, T), -100, dtype=seqs.dtype)  # a target past the teacher's context is ignored
+        y[:, :total - 1] = seqs[:, 1:]
+        return seqs[:, :T], y
 
     def _pipeline_step(self, accum: int) -> StepResult:
         """One optimizer step through the pipeline stages: the last stage computes the loss; the
