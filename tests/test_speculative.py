@@ -188,6 +188,16 @@ def test_draft_must_share_the_vocabulary():
         Engine(target, None, EngineConfig(kv_budget="1MiB"), draft=other)
 
 
+@pytest.mark.parametrize("bad", [dict(distill_loss="js"), dict(distill_on_policy=0.5),
+                                 dict(distill_from="runs/t", distill_on_policy=1.5),
+                                 dict(distill_from="runs/t", distill_on_policy=0.5, pp=2, micro_batch=2)])
+def test_distillation_settings_are_checked(bad):
+    from moekit.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="distill"):
+        TrainConfig(**bad).validate()
+
+
 def test_distill_loss_closed_form():
     from moekit.train.trainer import distill_loss
 
