@@ -144,6 +144,7 @@ class TrainConfig:
     # sequence, continued greedily by the teacher (on-policy distillation: the text the draft will be
     # asked to predict when it drafts for greedy decoding)
     distill_on_policy: float = 0.0
+    distill_on_policy_temperature: float = 0.0  # the teacher samples at this temperature (0: greedy)
     init_from: str = ""  # start from these weights (moekit run or Hugging Face dir); its model config wins
     sample_prompt: str = "def "
     sample_tokens: int = 120
@@ -162,6 +163,8 @@ class TrainConfig:
             raise ConfigError("need 0 <= distill_alpha <= 1 and distill_temperature > 0")
         if not 0 <= self.distill_on_policy <= 1 or (self.distill_on_policy and not self.distill_from):
             raise ConfigError("distill_on_policy is a share in [0, 1] and needs distill_from")
+        if self.distill_on_policy_temperature < 0:
+            raise ConfigError("distill_on_policy_temperature must be >= 0")
         if self.distill_on_policy and self.pp > 1:
             raise ConfigError("distill_on_policy does not run with pipeline parallelism")
         if self.distill_loss not in ("kl", "tvd"):

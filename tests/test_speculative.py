@@ -228,8 +228,8 @@ def test_distilled_draft_learns_the_target(tmp_path, monkeypatch, on_policy):
     written = []
     real = Trainer._teacher_writes
 
-    def spy(self, x):
-        out = real(self, x)
+    def spy(self, x, **kw):
+        out = real(self, x, **kw)
         written.append((x, out))
         return out
 

@@ -211,7 +211,7 @@ class Trainer:
             x, y = self.data.mixture.next_batch(tc.micro_batch * shards, tc.seq_len)  # [shards*B, T]
             x, y = x[shard * tc.micro_batch:(shard + 1) * tc.micro_batch], y[shard * tc.micro_batch:(shard + 1) * tc.micro_batch]
             if self._on_policy(accum, _micro):
-                x, y = self._teacher_writes(x)
+                x, y = self._teacher_writes(x, seed=(self.step * accum + _micro) * x.shape[0])
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast_for(self.device, tc.dtype):
                 out = self.forward(x, y)
@@ -266,9 +266,10 @@ class Trainer:
         return f > 0 and int((m + 1) * f) > int(m * f)
 
     @torch.no_grad()
-    def _teacher_writes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first quarter of each row of x, continued greedily by the teacher through the
-        inference engine to seq_len + 1 tokens: (inputs, next-token targets), as next_batch."""
+    def _teacher_writes(self, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first quarter of each row of x, continued by the teacher through the inference
+        engine to seq_len + 1 tokens (greedily, or sampled at distill_on_policy_temperature with
+        row i seeded seed + i, so a resumed run writes the same): (inputs, next-token targets)."""
         from moekit.infer.engine import Engine, EngineConfig
         from moekit.infer.sampling import SamplingParams
 
@@ -280,8 +281,10 @@ class Trainer:
             self._teacher_engine = Engine(self.teacher, None, EngineConfig(kv_budget=str(budget), max_num_seqs=B,
                                                                            max_num_batched_tokens=max(1024, B * prefix)))
         total = min(T + 1, self._teacher_engine.max_model_len)  # T + 1 tokens where the teacher's context allows
-        outs = self._teacher_engine.generate([row[:prefix].tolist() for row in x],
-                                             SamplingParams(max_tokens=total - prefix, temperature=0, ignore_eos=True))
+        temp = self.cfg.train.distill_on_policy_temperature
+        params = [SamplingParams(max_tokens=total - prefix, temperature=temp, seed=seed + i if temp else None,
+                                 ignore_eos=True) for i in range(B)]
+        outs = self._teacher_engine.generate([row[:prefix].tolist() for row in x], params)
         seqs = torch.tensor([row[:prefix].tolist() + o.output_token_ids for row, o in zip(x, outs)])
         y = torch.full((B, T), -100, dtype=seqs.dtype)  # a target past the teacher's context is ignored
         y[:, :total - 1] = seqs[:, 1:]
