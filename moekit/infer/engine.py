@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import operator
 import time
 from dataclasses import dataclass, field
@@ -240,8 +239,7 @@ class Engine:
         go = [i for i, r in enumerate(ahead.reqs) if r.status is Status.RUNNING
               and len(r.output_ids) + 1 < r.params.max_tokens and r.num_tokens + 1 < self.max_model_len]
         reqs = [ahead.reqs[i] for i in go]
-        bs = self.config.block_size
-        need = [max(0, math.ceil((r.num_computed + 1) / bs) - len(r.blocks)) for r in reqs]
+        need = [self.scheduler.blocks_needed(r, 1) for r in reqs]
         if (reqs and not self.scheduler.waiting and sum(need) <= self.kv.allocator.num_free
                 and self.runner.graph_fits(len(reqs))):
             for r, n in zip(reqs, need):

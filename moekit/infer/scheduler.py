@@ -67,7 +67,8 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _blocks_needed(self, req: Request, n: int) -> int:
+    def blocks_needed(self, req: Request, n: int) -> int:
+        """New KV blocks the request needs to compute n more tokens."""
         return max(0, math.ceil((req.num_computed + n) / self.block_size) - len(req.blocks))
 
     def _preempt(self, req: Request) -> None:
@@ -98,7 +99,7 @@ class Scheduler:
             if req.status is not Status.RUNNING or budget == 0:
                 continue
             n = min(req.num_tokens - req.num_computed, budget)
-            need = self._blocks_needed(req, n)
+            need = self.blocks_needed(req, n)
             while need > self.allocator.num_free:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -114,7 +115,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed, budget)
-            need = self._blocks_needed(req, n)
+            need = self.blocks_needed(req, n)
             if need > self.allocator.num_free:
                 break
             self.waiting.popleft()

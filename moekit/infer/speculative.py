@@ -167,6 +167,23 @@ class SpeculativeDecoder:
             last.append(len(rows) - 1)
         return rows, last
 
+    def _catch_up(self, reqs: list[Request]) -> torch.Tensor:
+        """The draft computes up to each request's last token: its logits there, [B, V]."""
+        rows, last = self._catch_up_rows(reqs)
+        logits = self.runner.decode_rows(rows)
+        if len(rows) > len(reqs):  # some request caught up more than one position
+            logits = logits[self.runner.to_device(last)]
+        return logits
+
+    def _verify(self, target: ModelRunner, reqs: list[Request], props: torch.Tensor) -> torch.Tensor:
+        """The target scores each request's last token and its k proposals (props [B, k], on the
+        device) in one forward: logits [B * (k + 1), V]."""
+        k = props.shape[1]
+        last_tok = target.to_device([r.all_ids[-1] for r in reqs])
+        tokens = torch.cat([last_tok[:, None], props], 1).view(-1)
+        rows = [(r, r.num_computed + j, None) for r in reqs for j in range(k + 1)]
+        return target.decode_rows(rows, tokens=tokens)
+
     def _commit(self, reqs: list[Request], emitted: list[list[int]]) -> dict[str, list[int]]:
         """Count acceptance, advance the requests past the accepted proposals and roll back the
         K/V blocks of rejected positions."""
@@ -207,10 +224,7 @@ class SpeculativeDecoder:
         gens = [r.extra.get("generator") or self.shared for r in reqs]
         params = [r.params for r in reqs]
         dev = target.device
-        rows, last = self._catch_up_rows(reqs)
-        logits = self.runner.decode_rows(rows)
-        if len(rows) > B:  # some request caught up more than one position
-            logits = logits[self.runner.to_device(last)]
+        logits = self._catch_up(reqs)
         qs, proposals = [], []
         for j in range(k):
             q = distributions(logits, params)  # [B, V]
@@ -220,11 +234,7 @@ class SpeculativeDecoder:
             if j < k - 1:
                 logits = self.runner.decode_rows([(r, r.num_tokens + j, None) for r in reqs], tokens=tok)
         props = torch.stack(proposals, 1)  # [B, k]
-        last_tok = target.to_device([r.all_ids[-1] for r in reqs])
-        tokens = torch.cat([last_tok[:, None], props], 1).view(-1)
-        rows = [(r, r.num_computed + j, None) for r in reqs for j in range(k + 1)]
-        p_logits = target.decode_rows(rows, tokens=tokens)  # [B * (k + 1), V]
-        p = distributions(p_logits, [prm for prm in params for _ in range(k + 1)]).view(B, k + 1, -1)
+        p = distributions(self._verify(target, reqs, props), [prm for prm in params for _ in range(k + 1)]).view(B, k + 1, -1)
         u = torch.stack([torch.rand(k, generator=g, device=dev) for g in gens])
         out, n = accept_batched(props, torch.stack(qs, 1), p, u, exponentials(p.shape[2:], gens, dev))
         host = torch.cat([out, n[:, None]], 1).tolist()
@@ -238,21 +248,14 @@ class SpeculativeDecoder:
         k, B = self.k, len(reqs)
         if self._step_graph_fits(target, reqs):
             return self._greedy_graph(target, reqs)
-        rows, last = self._catch_up_rows(reqs)
-        logits = self.runner.decode_rows(rows)
-        if len(rows) > len(reqs):  # some request caught up more than one position
-            logits = logits[self.runner.to_device(last)]
-        tok = logits.argmax(-1)  # [B]
+        tok = self._catch_up(reqs).argmax(-1)  # [B]
         proposals = [tok]
         for j in range(1, k):
             rows = [(r, r.num_tokens + j - 1, None) for r in reqs]
             tok = self.runner.decode_rows(rows, tokens=tok).argmax(-1)
             proposals.append(tok)
         props = torch.stack(proposals, 1)  # [B, k]
-        last_tok = target.to_device([r.all_ids[-1] for r in reqs])
-        tokens = torch.cat([last_tok[:, None], props], 1).view(-1)  # [B * (k + 1)]
-        rows = [(r, r.num_computed + j, None) for r in reqs for j in range(k + 1)]
-        best = target.decode_rows(rows, tokens=tokens).view(B, k + 1, -1).argmax(-1)  # [B, k + 1]
+        best = self._verify(target, reqs, props).view(B, k + 1, -1).argmax(-1)  # [B, k + 1]
         agree = (best[:, :k] == props).int().cumprod(1).sum(1)  # accepted proposals per request
         host = torch.cat([best, agree[:, None]], 1).tolist()
         return [row[:row[-1] + 1] for row in host]

@@ -271,13 +271,13 @@ class Trainer:
         engine to seq_len + 1 tokens (greedily, or sampled at distill_on_policy_temperature with
         row i seeded seed + i, so a resumed run writes the same): (inputs, next-token targets)."""
         from moekit.infer.engine import Engine, EngineConfig
+        from moekit.infer.kv_cache import kv_bytes_per_token
         from moekit.infer.sampling import SamplingParams
 
         B, T = x.shape
         prefix = max(1, T // 4)
         if self._teacher_engine is None:
-            kv_bytes = 2 * self.teacher.cfg.n_layers * self.teacher.cfg.n_kv_heads * self.teacher.cfg.hd * 4
-            budget = 2 * B * (T + 64) * kv_bytes  # room for all rows at once (float32 bound)
+            budget = 2 * B * (T + 64) * kv_bytes_per_token(self.teacher.cfg, torch.float32)  # all rows at once
             self._teacher_engine = Engine(self.teacher, None, EngineConfig(kv_budget=str(budget), max_num_seqs=B,
                                                                            max_num_batched_tokens=max(1024, B * prefix)))
         total = min(T + 1, self._teacher_engine.max_model_len)  # T + 1 tokens where the teacher's context allows
