@@ -5,12 +5,16 @@ and avoids OpenMP oversubscription slowing the suite down many-fold when other w
 run, a parallel test runner) shares the two cores.
 """
 
+import shutil
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
 import torch
 from serve_helpers import ENGINE_KW, make_checkpoint, start_server
 
+from moekit.data.tokenizer import train_tokenizer
 from moekit.infer.engine import Engine, EngineConfig
 from moekit.infer.generate import load_for_inference
 
@@ -60,3 +64,48 @@ def ref_engine(ckpt_dir):
     """An engine of its own over the same checkpoint, for greedy parity with the server."""
     model, tok = load_for_inference(str(ckpt_dir), "cpu")
     return Engine(model, tok, EngineConfig(**ENGINE_KW))
+
+
+# -- the Hugging Face interop tests' fixtures (test_interop.py, test_interop_upcycle.py): one set
+# per module
+@pytest.fixture(scope="module")
+def hf_tok():
+    """A byte-level tokenizer trained on a few sentences."""
+    from interop_helpers import TEXTS  # imports transformers (or skips its tests)
+
+    return train_tokenizer(TEXTS, 300)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory, hf_tok):
+    """name -> (HF model in memory, its save_pretrained dir with a tokenizer.json)."""
+    from interop_helpers import ARCHS, hf_model
+
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for i, name in enumerate(ARCHS):
+        model = hf_model(name, seed=i)
+        d = root / name
+        model.save_pretrained(d)
+        hf_tok.save(d / "tokenizer.json")
+        out[name] = (model, d)
+    return out
+
+
+@pytest.fixture
+def hf_copy(hf_dirs, tmp_path):
+    """A writable copy of one saved HF dir (to corrupt)."""
+    def copy(name: str) -> Path:
+        dst = tmp_path / f"copy-{name}"
+        shutil.copytree(hf_dirs[name][1], dst)
+        return dst
+    return copy
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, hf_tok):
+    """Saved moekit runs, one per ROUNDTRIP config (interop_helpers.py)."""
+    from interop_helpers import ROUNDTRIP, make_run
+
+    root = tmp_path_factory.mktemp("runs")
+    return {name: make_run(cfg, hf_tok, root / name, seed=i) for i, (name, (cfg, _)) in enumerate(ROUNDTRIP.items())}
