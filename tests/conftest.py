@@ -8,11 +8,8 @@ run, a parallel test runner) shares the two cores.
 import shutil
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
 import torch
-from serve_helpers import ENGINE_KW, make_checkpoint, start_server
 
 from moekit.data.tokenizer import train_tokenizer
 from moekit.infer.engine import Engine, EngineConfig
@@ -22,9 +19,12 @@ torch.set_num_threads(1)
 
 
 # -- the server tests' fixtures (test_serve.py, test_serve_robustness.py): one checkpoint and one
-# server for the session
+# server for the session. The server's libraries are imported here, not at the top, so that suites
+# which need none of them (tests/test_gpu.py on a GPU image) load without them.
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
+    from serve_helpers import make_checkpoint
+
     return make_checkpoint(tmp_path_factory.mktemp("serve-run"))
 
 
@@ -40,6 +40,8 @@ def tok(ckpt):
 
 @pytest.fixture(scope="session")
 def srv(ckpt_dir):
+    from serve_helpers import start_server
+
     s = start_server(ckpt_dir)
     yield s
     s.stop()
@@ -48,6 +50,8 @@ def srv(ckpt_dir):
 
 @pytest.fixture(scope="session")
 def oai(srv):
+    import openai
+
     client = openai.OpenAI(base_url=srv.v1, api_key="x", max_retries=0, timeout=30)
     yield client
     client.close()
@@ -55,6 +59,8 @@ def oai(srv):
 
 @pytest.fixture(scope="session")
 def http(srv):
+    import httpx
+
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         yield c
 
@@ -62,6 +68,8 @@ def http(srv):
 @pytest.fixture(scope="session")
 def ref_engine(ckpt_dir):
     """An engine of its own over the same checkpoint, for greedy parity with the server."""
+    from serve_helpers import ENGINE_KW
+
     model, tok = load_for_inference(str(ckpt_dir), "cpu")
     return Engine(model, tok, EngineConfig(**ENGINE_KW))
 
