@@ -105,9 +105,20 @@ def check_fused_step(cfg) -> dict:
     return out
 
 
-def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, fused: bool, compile: bool = False):
+def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, fused: bool, compile: bool = False,
+                  pdl: bool = True):
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
-    graph}, start-up seconds)."""
+    graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch."""
+    from moekit.infer import pdl as pdl_mod
+
+    pdl_mod.ENABLED, was = pdl, pdl_mod.ENABLED
+    try:
+        return _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile)
+    finally:
+        pdl_mod.ENABLED = was
+
+
+def _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile):
     engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=max_num_seqs, cuda_graphs=True,
                                               compile=compile, fused_decode=fused))
     t = time.perf_counter()
@@ -158,7 +169,8 @@ def main():
     roofline = bw * 1e12 / (weight_bytes + kv_bytes)
 
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    runs = {"moekit-fused": dict(fused=True), "moekit-unfused": dict(fused=False)}
+    runs = {"moekit-fused": dict(fused=True), "moekit-fused-no-pdl": dict(fused=True, pdl=False),
+            "moekit-unfused": dict(fused=False)}
     if args.compile:
         runs["moekit-unfused-compiled"] = dict(fused=False, compile=True)
     results, step_ms, startup, tokens = {}, {}, {}, {}
@@ -190,6 +202,7 @@ def main():
                "total_params": counts.total_params, "active_params": counts.active_params,
                "paged_kernel_rel_err_vs_fp64": numerics, "fused_step_numerics": fused_numerics,
                "greedy_tokens_identical_prefix_fused_vs_unfused": agree,
+               "greedy_tokens_identical_pdl_vs_no_pdl": tokens["moekit-fused"] == tokens["moekit-fused-no-pdl"],
                "decode_graph_ms_by_batch": step_ms,
                "decode_graph_fraction_of_roofline": {k: 1e3 / v[1] / roofline for k, v in step_ms.items()},
                "tok_s": results,
@@ -204,7 +217,8 @@ def main():
               "by batch " + ", ".join(f"{b}: {ms:.3f} ms" for b, ms in v.items()))
     for k, v in results.items():
         print(f"  {k:24s} " + (f"{v:8.1f} tok/s  {v / roofline:6.1%} of roofline" if isinstance(v, float) else v))
-    print(f"greedy tokens identical (fused vs unfused): first {agree} of {same}")
+    print(f"greedy tokens identical (fused vs unfused): first {agree} of {same}; "
+          f"fused with PDL vs without: {tokens['moekit-fused'] == tokens['moekit-fused-no-pdl']}")
     print(f"wrote {path}")
 
 

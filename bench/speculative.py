@@ -89,6 +89,7 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy, outputs compared)")
     ap.add_argument("--kv-budget", default="256MiB")
+    ap.add_argument("--name", default="speculative_{gpu}", help="result file name ({gpu}: the GPU, or cpu)")
     args = ap.parse_args()
 
     target, tok = load_for_inference(args.target, args.device)
@@ -118,7 +119,7 @@ def main():
                      "mean_accepted_length": st.mean_accepted_length, "accepted_at_position": st.accepted_at})
         print(rows[-1], flush=True)
         tag = gpu_tag() if torch.cuda.is_available() else "cpu"
-        path = write_result(f"speculative_{tag}", {"bench": "speculative", **env_info(), "target": args.target,  # after each batch
+        path = write_result(args.name.format(gpu=tag), {"bench": "speculative", **env_info(), "target": args.target,  # after each batch
                                                    "draft": args.draft, "k": args.k, "new_tokens": args.new_tokens,
                                                    "temperature": args.temperature,
                                                    "prompts_at_least": args.prompts, "results": rows})

@@ -74,18 +74,20 @@ def test_fused_step_matches_model(kw):
     torch.testing.assert_close(again, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("split_k", [1, 2, 3])
 @pytest.mark.parametrize("use_dot", [True, False])
-def test_norm_linear_against_float64(use_dot):
+def test_norm_linear_against_float64(use_dot, split_k):
+    """Each split of K writes its partial sums; the last to arrive adds them in a fixed order."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 70, generator=g)
     w = torch.randn(50, 70, generator=g)
     gamma = torch.rand(70, generator=g) + 0.5
     xd = x.double()
     normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
-    torch.testing.assert_close(norm_linear(x, w, gamma, use_dot=use_dot).double(), normed @ w.double().T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(norm_linear(x, w, gamma, use_dot=use_dot, split_k=split_k).double(), normed @ w.double().T, rtol=1e-4, atol=1e-4)
     acc = torch.randn(3, 50, generator=g)
     expect = acc.double() + xd @ w.double().T
-    norm_linear(x, w, out=acc, accumulate=True, use_dot=use_dot)
+    norm_linear(x, w, out=acc, accumulate=True, use_dot=use_dot, split_k=split_k)
     torch.testing.assert_close(acc.double(), expect, rtol=1e-4, atol=1e-4)
 
 

@@ -93,3 +93,32 @@ def test_fused_step_matches_model_path_at_real_widths(shape, dtype):
             tables, torch.tensor(lens, dtype=torch.int32, device="cuda") + 1)
         err = ((out - ref).norm() / ref.norm()).item()
         assert err < (1e-4 if dtype == torch.float32 else 3e-2), (B, err)
+
+
+@pytest.mark.parametrize("K,N", [(2048, 3072), (2048, 2048), (1024, 1536), (2048, 32000)])
+def test_norm_linear_tuned_splits_are_deterministic_and_batch_invariant(K, N):
+    """The tuned projection (splits of K reduced by their last program, in a fixed order): against
+    float64, the same bits for a row alone or in a batch, and the same bits on every call."""
+    from moekit.infer.fused_decode import norm_linear
+
+    g = torch.Generator(device="cuda").manual_seed(K + N)
+    x = torch.randn(40, K, device="cuda", generator=g)
+    w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).bfloat16()
+    gamma = (torch.rand(K, device="cuda", generator=g) + 0.5).bfloat16()
+    full = norm_linear(x, w, gamma)
+    xd = x.double()
+    ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
+    ref = ref.bfloat16().double() @ w.double().T  # the kernel multiplies bf16 inputs
+    assert ((full.double() - ref).norm() / ref.norm()).item() < 1e-2
+    for rows in (1, 5, 17):
+        assert torch.equal(norm_linear(x[:rows], w, gamma), full[:rows])
+    for _ in range(20):
+        assert torch.equal(norm_linear(x, w, gamma), full)
+    acc0 = torch.randn(40, N, device="cuda", generator=g)
+    acc = acc0.clone()
+    norm_linear(x, w, out=acc, accumulate=True)
+    expect = acc0.double() + x.bfloat16().double() @ w.double().T
+    assert ((acc.double() - expect).norm() / expect.norm()).item() < 1e-2
+    one = acc0[:1].clone()
+    norm_linear(x[:1], w, out=one, accumulate=True)
+    assert torch.equal(one, acc[:1])

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.infer.pdl import gdc, pdl_kw
 from moekit.infer.triton_paged import paged_decode_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -45,21 +46,43 @@ def _restore(*names):
 
 # -- 1/4: (RMSNorm +) linear, W in nn.Linear layout [N, K] -----------------------------------------
 @triton.jit
-def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob,
+def _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM: tl.constexpr, ACCUM: tl.constexpr):
+    if NORM:
+        acc = acc / tl.sqrt(ss / K + eps)[:, None]
+    optr = out_ptr + rows[:, None] * stride_ob + n[None, :]
+    omask = rmask[:, None] & nmask[None, :]
+    if ACCUM:
+        acc += tl.load(optr, mask=omask, other=0.0)
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob,
                  NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                 BK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+                 PDL: tl.constexpr):
     """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM. All rows of a BM
     block share each weight tile (tl.dot on rows padded to BM). ACCUM adds into out; otherwise
-    out is overwritten. Each output is reduced over K in one program, in a fixed order."""
+    out is overwritten.
+
+    Program (block of rows, block of N, share of K). With SPLIT_K > 1 each program writes its
+    share's partial sums (and sums of squares) to part_ptr and counts itself in sem_ptr[tile];
+    the last of a tile's SPLIT_K programs to arrive adds the shares in the order 0 ... SPLIT_K - 1
+    (whoever arrives last, the same sum: deterministic) and resets the count. One launch, no
+    atomically added values."""
+    gdc(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < B
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < N
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
+    k_lo = pid_k * k_per
     acc = tl.zeros([BM, BN], tl.float32)
     ss = tl.zeros([BM], tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
         xk = tl.load(x_ptr + rows[:, None] * stride_xb + kk[None, :], mask=rmask[:, None] & kmask[None, :],
@@ -77,53 +100,101 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, B, K, N, eps, stride_xb, stride_w
         else:  # a few rows: multiply and reduce in registers
             xr = xk.to(w.dtype).to(tl.float32)
             acc += tl.sum(xr[:, None, :] * w.to(tl.float32)[None, :, :], 2)
-    if NORM:
-        acc = acc / tl.sqrt(ss / K + eps)[:, None]
-    optr = out_ptr + rows[:, None] * stride_ob + n[None, :]
-    omask = rmask[:, None] & nmask[None, :]
-    if ACCUM:
-        acc += tl.load(optr, mask=omask, other=0.0)
-    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    if SPLIT_K == 1:
+        _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM)
+    else:
+        mp = tl.num_programs(0) * BM  # part: [SPLIT_K, mp, N] sums, then [SPLIT_K, mp] sums of squares
+        tl.store(part_ptr + (pid_k * mp + rows)[:, None] * N + n[None, :], acc, mask=nmask[None, :])
+        if NORM:
+            tl.store(part_ptr + SPLIT_K * mp * N + pid_k * mp + rows, ss)
+        tl.debug_barrier()  # every thread's partials are written before the count is released
+        tile = pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BM, BN], tl.float32)
+            ss = tl.zeros([BM], tl.float32)
+            for sk in tl.static_range(SPLIT_K):
+                acc += tl.load(part_ptr + (sk * mp + rows)[:, None] * N + n[None, :], mask=nmask[None, :],
+                               other=0.0, cache_modifier=".cg")
+                if NORM:
+                    ss += tl.load(part_ptr + SPLIT_K * mp * N + sk * mp + rows, cache_modifier=".cg")
+            tl.store(sem_ptr + tile, 0)
+            _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM)
 
 
 def _linear_configs():
     """Tensor-core tiles, rows padded to 16: a row's result does not depend on the other rows of
-    its tile, so one tuned tile per weight shape serves every batch size with the same numbers."""
-    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "USE_DOT": True}, num_warps=4, num_stages=4)
-            for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 16384]
+    its tile, so one tuned tile per weight shape serves every batch size with the same numbers.
+    Splits of K give a narrow weight (attention projections) enough programs to fill the GPU."""
+    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "USE_DOT": True, "SPLIT_K": sk}, num_warps=4, num_stages=4)
+            for bn in (16, 32, 64) for bk in (128, 256, 512) for sk in (1, 2, 4, 8) if bn * bk <= 16384]
+
+
+def _prune_splits(configs, named_args, **kwargs):
+    """Splits of K only where the weight has few column blocks (not the LM head: its partial sums
+    would be large, and its columns already fill the GPU)."""
+    n, k = named_args["N"], named_args["K"]
+    return [c for c in configs if c.kwargs["SPLIT_K"] == 1 or (n <= _SPLIT_MAX_N and k // c.kwargs["SPLIT_K"] >= c.kwargs["BK"])]
+
+
+_SPLIT_MAX_N = 16384
+_SEM_TILES = 1 << 16  # tile counters per device, all zero between launches
+_sems: dict[torch.device, torch.Tensor] = {}
+
+
+def _sem(device: torch.device) -> torch.Tensor:
+    if device not in _sems:  # allocated at the first (eager) call, before any graph is captured
+        _sems[device] = torch.zeros(_SEM_TILES, dtype=torch.int32, device=device)
+    return _sems[device]
 
 
 # tuned once per weight shape, not per batch size: the numbers of a row do not depend on the
-# batch (speculative verification of k + 1 rows reproduces one-row decoding exactly)
-_norm_linear_store = triton.autotune(_linear_configs(), key=["K", "N"], **_TUNE)(_norm_linear)
-_norm_linear_accum = triton.autotune(_linear_configs(), key=["K", "N"], **_restore("out_ptr"), **_TUNE)(_norm_linear)
+# batch (speculative verification of k + 1 rows reproduces one-row decoding exactly). The timed
+# call includes the reduction of the splits (it happens inside the kernel).
+_tune = dict(key=["K", "N"], prune_configs_by={"early_config_prune": _prune_splits}, **_TUNE)
+_norm_linear_store = triton.autotune(_linear_configs(), **_tune)(_norm_linear)
+_norm_linear_accum = triton.autotune(_linear_configs(), **_restore("out_ptr"), **_tune)(_norm_linear)
 
 
 def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None, eps: float = 1e-5,
-                out: torch.Tensor | None = None, accumulate: bool = False, use_dot: bool = True) -> torch.Tensor:
+                out: torch.Tensor | None = None, accumulate: bool = False, use_dot: bool = True,
+                split_k: int = 2) -> torch.Tensor:
     """x: [B, K]; w: [N, K] -> out [B, N] = (RMSNorm_g(x) if g is given else x) @ w.T, or
-    out += x @ w.T when accumulate (out float32). use_dot picks the tile kind off the GPU."""
+    out += x @ w.T when accumulate (out float32). use_dot and split_k pick the tile off the GPU
+    (on the GPU the autotuner picks)."""
     B, K = x.shape
     N = w.shape[0]
     if out is None:
         out = torch.empty(B, N, device=x.device, dtype=w.dtype)
-    args = (x, g if g is not None else x, w, out, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0))
-    kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32)
+    bm_min = 16
+    mp = triton.cdiv(B, bm_min) * bm_min
+    splits = 8 if N <= _SPLIT_MAX_N else 1
+    part = torch.empty(splits * mp * (N + 1) if splits > 1 else 1, device=x.device, dtype=torch.float32)
+    sem = _sem(x.device)
+    assert triton.cdiv(B, bm_min) * triton.cdiv(N, 16) <= _SEM_TILES, "too many tiles for the split counters"
+    args = (x, g if g is not None else x, w, out, part, sem, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0))
+    kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, **pdl_kw(x))
     if _INTERPRET or not x.is_cuda:  # fixed tiles; on GPU the autotuner picks
         bm = 16 if use_dot else 1
-        _norm_linear[(triton.cdiv(B, bm), triton.cdiv(N, 32))](*args, **kw, BM=bm, BN=32, BK=32, USE_DOT=use_dot)
+        split_k = split_k if N <= _SPLIT_MAX_N else 1
+        if bm == 1:  # part is laid out for row blocks of 16
+            part = torch.empty(split_k * B * (N + 1), device=x.device, dtype=torch.float32)
+            args = (x, args[1], w, out, part, *args[5:])
+        _norm_linear[(triton.cdiv(B, bm), triton.cdiv(N, 32), split_k)](*args, **kw, BM=bm, BN=32, BK=32,
+                                                                        USE_DOT=use_dot, SPLIT_K=split_k)
     else:
         kern = _norm_linear_accum if accumulate else _norm_linear_store
-        kern[lambda m: (triton.cdiv(B, m["BM"]), triton.cdiv(N, m["BN"]))](*args, **kw)
+        kern[lambda m: (triton.cdiv(B, m["BM"]), triton.cdiv(N, m["BN"]), m["SPLIT_K"])](*args, **kw)
     return out
 
 
 # -- 2: rotary embedding, K/V into the paged cache -------------------------------------------------
 @triton.jit
 def _rope_store(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, stride_qkv,
-                H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
+                H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
     """One program per (row, head of q, k or v): q and k rotate (rotate-half convention), q goes
     to q_ptr [B, H, hd], k and v to their cache slot ([slots, HKV, hd] views of the pages)."""
+    gdc(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, HALF)
@@ -151,9 +222,10 @@ def _rope_store(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_pt
 # -- 5: RMSNorm + router + softmax + top-k ---------------------------------------------------------
 @triton.jit
 def _route(x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, K, E, eps, stride_xb,
-           EP: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr):
+           EP: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
     """One program per row: xn = RMSNorm(x) (stored in the weights' dtype, as the experts read it),
     logits = xn @ wr.T in float32, softmax, the TOPK largest (ids and gates)."""
+    gdc(PDL)
     b = tl.program_id(0)
     ss = tl.zeros([BK], tl.float32)
     for k0 in range(0, K, BK):
@@ -217,11 +289,12 @@ def _dot(x, w, acc, IEEE: tl.constexpr):
 @triton.jit
 def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, R, K, F, stride_we, TOPK: tl.constexpr,
                RP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               SPLIT_K: tl.constexpr):
+               SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     """Program (expert e, block of F, share of K): xn[r // TOPK] @ w1[e] and @ w3[e] over the share
     for the assignments r routed to e, BM rows per tensor-core tile, into part [SPLIT_K, 2, R, F].
     Each chosen expert's weights are read once for all its rows; unchosen experts are not read. A
     row's sums do not depend on the other rows of its tile."""
+    gdc(PDL)
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -252,8 +325,9 @@ def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, R, K, F, stride_we, TO
 
 
 @triton.jit
-def _silu_mul(part_ptr, h_ptr, RF, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul(part_ptr, h_ptr, RF, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """h = silu(a1) * a3, a1 and a3 summed over the K shares of _expert_up."""
+    gdc(PDL)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < RF
     a1 = tl.zeros([BLOCK], tl.float32)
@@ -266,9 +340,10 @@ def _silu_mul(part_ptr, h_ptr, RF, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _expert_down(h_ptr, ids_ptr, w2_ptr, part_ptr, R, F, D, stride_we, RP: tl.constexpr, IEEE: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     """Program (expert e, block of D, share of F): part[share, r] = h[r] @ w2[e] over the share,
     for the assignments r routed to e (tiles of BM rows, as in _expert_up)."""
+    gdc(PDL)
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -293,9 +368,10 @@ def _expert_down(h_ptr, ids_ptr, w2_ptr, part_ptr, R, F, D, stride_we, RP: tl.co
 
 @triton.jit
 def _moe_combine(part_ptr, gates_ptr, out_ptr, R, D, stride_ob, TOPK: tl.constexpr, SPLIT_K: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[b] += sum_j gate[b, j] sum_s part[s, b * TOPK + j], in this order (deterministic: the
     same numbers whatever the batch)."""
+    gdc(PDL)
     b = tl.program_id(0)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = n < D
@@ -331,7 +407,7 @@ def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.T
     R = B * topk
     part = torch.empty(8, 2, R, F, device=xn.device, dtype=torch.float32)  # room for the largest K split
     args = (xn, ids, w1, w3, part, R, K, F, w1.stride(0))
-    kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w1.dtype == torch.float32)
+    kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w1.dtype == torch.float32, **pdl_kw(xn))
     if _INTERPRET or not xn.is_cuda:
         splits = 2
         _expert_up[(E, triton.cdiv(F, 32), splits)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=splits)
@@ -339,7 +415,7 @@ def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.T
         _expert_up_tuned[lambda m: (E, triton.cdiv(F, m["BN"]), m["SPLIT_K"])](*args, **kw)
         splits = _expert_up_tuned.best_config.kwargs["SPLIT_K"]
     h = torch.empty(R, F, device=xn.device, dtype=w1.dtype)
-    _silu_mul[(triton.cdiv(R * F, 256),)](part, h, R * F, SPLIT_K=splits, BLOCK=256)  # many programs: latency
+    _silu_mul[(triton.cdiv(R * F, 256),)](part, h, R * F, SPLIT_K=splits, BLOCK=256, **pdl_kw(xn))  # many programs: latency
     return h
 
 
@@ -350,7 +426,7 @@ def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: tor
     R = B * topk
     part = torch.empty(16, R, D, device=h.device, dtype=torch.float32)  # room for the largest F split
     args = (h, ids, w2, part, R, F, D, w2.stride(0))
-    kw = dict(RP=max(16, triton.next_power_of_2(R)), IEEE=w2.dtype == torch.float32)
+    kw = dict(RP=max(16, triton.next_power_of_2(R)), IEEE=w2.dtype == torch.float32, **pdl_kw(h))
     if _INTERPRET or not h.is_cuda:
         splits = 2
         _expert_down[(E, triton.cdiv(D, 32), splits)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=splits)
@@ -360,7 +436,7 @@ def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: tor
     # small blocks: each program sums TOPK * SPLIT_K partials of its columns, and many programs hide
     # the latency of those loads (one program per row took 20 us per layer)
     _moe_combine[(B, triton.cdiv(D, 128))](part, gates, out, R, D, out.stride(0), TOPK=topk, SPLIT_K=splits,
-                                          BLOCK=128)
+                                          BLOCK=128, **pdl_kw(h))
 
 
 # -- the decode step -------------------------------------------------------------------------------
@@ -435,7 +511,7 @@ class FusedDecoder:
             qkv = norm_linear(x, self.wqkv[i], blk.attn_norm.weight, blk.attn_norm.eps)  # [B, (H + 2 Hkv) hd]
             kc, vc = self.kv_k[i], self.kv_v[i]
             _rope_store[(B, H + 2 * Hkv)](qkv, pos, cos, sin, slots, q, kc, vc, qkv.stride(0),
-                                          H=H, HKV=Hkv, HALF=hd // 2)
+                                          H=H, HKV=Hkv, HALF=hd // 2, **pdl_kw(x))
             y = paged_decode_triton(q, kc, vc, tables, lens)  # [B, H, hd]
             norm_linear(y.view(B, H * hd), blk.attn.wo.weight, out=x, accumulate=True)
             moe = blk.ffn
@@ -444,7 +520,7 @@ class FusedDecoder:
             _route[(B,)](x, blk.ffn_norm.weight, moe.router.weight, xn, ids32, gates, c.d_model, E,
                          blk.ffn_norm.eps, x.stride(0), EP=ep,
                          BK=min(triton.next_power_of_2(c.d_model), max(16, 16384 // ep)), TOPK=c.top_k, RENORM=c.renorm_gates,
-                         num_warps=8)
+                         num_warps=8, **pdl_kw(x))
             h = expert_up(xn, ids32, moe.experts.w1, moe.experts.w3)  # [B * k, f]
             expert_down(h, ids32, gates, moe.experts.w2, x)
         return norm_linear(x, m.lm_head.weight, m.norm.weight, m.norm.eps,

@@ -9,12 +9,16 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.infer.pdl import gdc, pdl_kw
+
 
 @triton.jit
 def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr,
                         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb,
                         sm_scale, pages_per_split, n_splits,
-                        G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, PAGE: tl.constexpr):
+                        G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, PAGE: tl.constexpr,
+                        PDL: tl.constexpr):
+    gdc(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -53,8 +57,9 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr,
 
 
 @triton.jit
-def _merge_splits(acc_ptr, ml_ptr, out_ptr, n_splits, HD: tl.constexpr, SP: tl.constexpr):
+def _merge_splits(acc_ptr, ml_ptr, out_ptr, n_splits, HD: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
     """One program per (row, head): weight each split by exp(max - global max) and normalise."""
+    gdc(PDL)
     r = tl.program_id(0)
     s = tl.arange(0, SP)
     d = tl.arange(0, HD)
@@ -84,7 +89,7 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         q, k_cache, v_cache, block_tables, context_lens, acc, ml,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         hd ** -0.5, pages_per_split, n_splits,
-        G=G, GP=max(16, triton.next_power_of_2(G)), HD=hd, PAGE=page)
+        G=G, GP=max(16, triton.next_power_of_2(G)), HD=hd, PAGE=page, **pdl_kw(q))
     out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
-    _merge_splits[(B * H,)](acc, ml, out, n_splits, HD=hd, SP=triton.next_power_of_2(n_splits))
+    _merge_splits[(B * H,)](acc, ml, out, n_splits, HD=hd, SP=triton.next_power_of_2(n_splits), **pdl_kw(q))
     return out
