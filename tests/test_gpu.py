@@ -51,8 +51,25 @@ def test_speculative_greedy_on_graphs_matches_target_alone():
     target, draft = _model(), _model(seed=1, n_layers=1)
     prompts, params = _prompts(6), SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     ref = _run(target, prompts, params, cuda_graphs=False)
-    # two requests at a time: the 2 x 4 verification rows replay the fused step's graph
-    assert _run(target, prompts, params, draft=draft, num_speculative_tokens=3, max_num_seqs=2, graphs=True) == ref
+    # two requests at a time: draft steps and the 2 x 4 verification rows replay one step graph
+    eng = Engine(target, None, EngineConfig(kv_budget="64MiB", block_size=16, num_speculative_tokens=3, max_num_seqs=2),
+                 draft=draft)
+    assert [o.output_token_ids for o in eng.generate(prompts, params)] == ref
+    assert eng.spec.step_graphs and eng.spec.stats.proposed > 0
+
+
+def test_speculation_stops_where_verification_would_leave_the_fused_step():
+    """8 requests x (7 + 1) rows would verify on the model path (other numbers than decoding a row
+    alone): speculation runs only while at most 40 // 8 = 5 requests decode, and greedy output
+    stays identical."""
+    target, draft = _model(), _model(seed=1, n_layers=1)
+    prompts, params = _prompts(10), SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    ref = _run(target, prompts, params, cuda_graphs=False)
+    eng = Engine(target, None, EngineConfig(kv_budget="64MiB", block_size=16, num_speculative_tokens=7,
+                                            max_num_seqs=8), draft=draft)
+    assert eng.spec_max_batch == 5
+    assert [o.output_token_ids for o in eng.generate(prompts, params)] == ref
+    assert eng.spec.stats.proposed > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

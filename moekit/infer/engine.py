@@ -18,7 +18,7 @@ import torch
 from moekit.data.tokenizer import Tokenizer
 from moekit.errors import ConfigError
 from moekit.infer.kv_cache import PagedKVCache, kv_bytes_per_token, num_blocks_for_budget
-from moekit.infer.runner import ModelRunner
+from moekit.infer.runner import FUSED_MAX_VERIFY, ModelRunner
 from moekit.infer.sampling import Sampler, SamplingParams
 from moekit.infer.scheduler import Request, Scheduler, Status
 from moekit.model.transformer import Transformer
@@ -82,7 +82,8 @@ class EngineConfig:
     max_model_len: int = 0  # 0 -> the model's max_seq_len
     cuda_graphs: bool = True
     num_speculative_tokens: int = 4  # with a draft model
-    speculative_max_batch: int = 8  # above this many running requests, decode without speculation
+    speculative_max_batch: int = 8  # above this many running requests, decode without speculation (GPU: also
+    # above FUSED_MAX_VERIFY // (k + 1), where verification would leave the fused step and greedy output could differ)
     fused_decode: bool = True  # small decode batches through the fused Triton step (GPU, CUDA graphs)
     compile: bool = False  # torch.compile the decode step in the CUDA graphs (GPU; measured slower on H100 so far)
     lookahead: bool = True  # greedy graph decoding launches each step before reading the last one's tokens
@@ -109,7 +110,12 @@ class Engine:
         self.kv = PagedKVCache(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
         self.kv_bytes_per_token = kv_bytes_per_token(model.cfg, dtype)
         self.scheduler = Scheduler(self.kv.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        spec_rows = min(cfg.max_num_seqs, cfg.speculative_max_batch) * (cfg.num_speculative_tokens + 1) if draft else 0
+        # greedy speculation is lossless while verification runs on the fused step (the same
+        # numbers as decoding a row alone): on that path it stops at FUSED_MAX_VERIFY rows
+        self.spec_max_batch = cfg.speculative_max_batch
+        if cfg.fused_decode and cfg.cuda_graphs and self.device.type == "cuda":
+            self.spec_max_batch = min(self.spec_max_batch, FUSED_MAX_VERIFY // (cfg.num_speculative_tokens + 1))
+        spec_rows = min(cfg.max_num_seqs, self.spec_max_batch) * (cfg.num_speculative_tokens + 1) if draft else 0
         self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs,
                                   cfg.compile, cfg.fused_decode, max_rows=spec_rows)
         self.sampler = Sampler(self.device, cfg.seed)
@@ -181,7 +187,7 @@ class Engine:
         self.runner.capture_all()
         if self.spec is not None:
             self.spec.runner.capture_all()
-            self.spec.warmup(self.runner, min(self.config.max_num_seqs, self.config.speculative_max_batch))
+            self.spec.warmup(self.runner, min(self.config.max_num_seqs, self.spec_max_batch))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -260,7 +266,7 @@ class Engine:
 
         # decoding only: a one-token chunk of a prefill that has more to go is not a decode step
         return (all(n == 1 and req.num_computed == req.num_tokens - 1 for req, n in batch.items)
-                and len(batch.items) <= self.config.speculative_max_batch and all(eligible(req) for req, _ in batch.items))
+                and len(batch.items) <= self.spec_max_batch and all(eligible(req) for req, _ in batch.items))
 
     def _speculative_step(self, reqs: list[Request]) -> list[RequestOutput] | None:
         emitted = self.spec.step(self.runner, reqs)
