@@ -37,7 +37,8 @@ def _model(**kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(n_kv_heads=2, top_k=1), dict(n_experts=6, top_k=3, renorm_gates=False)])
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_heads=2, top_k=1), dict(n_experts=6, top_k=3, renorm_gates=False),
+                                dict(top_k=4)])
 def test_fused_step_matches_model(kw):
     model = _model(**kw)
     kv = PagedKVCache(model.cfg, num_blocks=40, block_size=BS, device="cpu", dtype=torch.float32)

@@ -17,7 +17,7 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr,
                         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb,
                         sm_scale, pages_per_split, n_splits,
                         G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, PAGE: tl.constexpr,
-                        PDL: tl.constexpr):
+                        IEEE: tl.constexpr, PDL: tl.constexpr):
     gdc(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -40,14 +40,20 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr,
         pos = p * PAGE + t
         off = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
         k = tl.load(k_ptr + off)  # [PAGE, HD]
-        s = (tl.dot(q, tl.trans(k)) * sm_scale).to(tl.float32)  # [GP, PAGE]
+        if IEEE:  # a float32 cache: full precision, not TF32
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+        else:
+            s = (tl.dot(q, tl.trans(k)) * sm_scale).to(tl.float32)  # [GP, PAGE]
         s = tl.where((pos < ctx)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         pm = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(pm, 1)
         v = tl.load(v_ptr + off)
-        acc = acc * alpha[:, None] + tl.dot(pm.to(v.dtype), v)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(pm, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pm.to(v.dtype), v)
         m_i = m_new
     # partials: acc [B, H, S, HD] (unnormalised), ml [B, H, S, 2] = (max, sum)
     row = (b * (tl.num_programs(1) * G) + heads) * n_splits + split
@@ -89,7 +95,7 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         q, k_cache, v_cache, block_tables, context_lens, acc, ml,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         hd ** -0.5, pages_per_split, n_splits,
-        G=G, GP=max(16, triton.next_power_of_2(G)), HD=hd, PAGE=page, **pdl_kw(q))
+        G=G, GP=max(16, triton.next_power_of_2(G)), HD=hd, PAGE=page, IEEE=q.dtype == torch.float32, **pdl_kw(q))
     out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
     _merge_splits[(B * H,)](acc, ml, out, n_splits, HD=hd, SP=triton.next_power_of_2(n_splits), **pdl_kw(q))
     return out
