@@ -6,8 +6,8 @@
 #   bash bench/speculative.sh [TARGET_STEPS] [DRAFT_STEPS] [K] [ON_POLICY]
 #
 # ON_POLICY (default 0.25): the share of the draft's micro-batches written by the target itself
-# (--distill-on-policy); 0 distils on the corpus only. A model already trained in $RUNS is kept,
-# so the three stages can run as separate calls.
+# (--distill-on-policy); 0 distils on the corpus only. A model already trained in $RUNS is kept
+# and a stage cut short resumes from its last checkpoint, so the stages can run as separate calls.
 set -euo pipefail
 TSTEPS=${1:-1200}
 DSTEPS=${2:-1000}
@@ -15,10 +15,21 @@ K=${3:-4}
 ON_POLICY=${4:-0.25}
 RUNS=${RUNS:-runs}
 MOEKIT=${MOEKIT:-python -m moekit}
-[ -f "$RUNS/spec-target/metrics.jsonl" ] && ls -d "$RUNS"/spec-target/ckpt-* >/dev/null 2>&1 ||
-    $MOEKIT train --preset bench-1b --steps "$TSTEPS" --eval-every 100000 --ckpt-every 100000 --out-dir "$RUNS/spec-target"
-[ -f "$RUNS/spec-draft/metrics.jsonl" ] && ls -d "$RUNS"/spec-draft/ckpt-* >/dev/null 2>&1 ||
-    $MOEKIT train --preset bench-draft --distill-from "$RUNS/spec-target" --steps "$DSTEPS" --device cuda \
-        --distill-on-policy "$ON_POLICY" --eval-every 100000 --ckpt-every 100000 --out-dir "$RUNS/spec-draft"
+# the newest checkpoint's step in a run folder (empty: none)
+latest() { { ls -d "$1"/ckpt-* 2>/dev/null || true; } | sort | tail -1 | sed 's/.*ckpt-0*//'; }
+# train a stage to STEPS, checkpointing every EVERY steps; a stage cut short resumes where it stopped
+stage() {
+    local dir=$1 steps=$2 every=$3; shift 3
+    local done; done=$(latest "$dir")
+    if [ -z "$done" ]; then
+        rm -rf "$dir"
+        $MOEKIT train "$@" --steps "$steps" --eval-every 100000 --ckpt-every "$every" --out-dir "$dir"
+    elif [ "$done" -lt "$steps" ]; then
+        $MOEKIT train --resume "$dir" --steps "$steps"
+    fi
+}
+stage "$RUNS/spec-target" "$TSTEPS" 250 --preset bench-1b
+stage "$RUNS/spec-draft" "$DSTEPS" 50 --preset bench-draft --distill-from "$RUNS/spec-target" --device cuda \
+    --distill-on-policy "$ON_POLICY"
 python bench/speculative.py --target "$RUNS/spec-target" --draft "$RUNS/spec-draft" --k "$K" --new-tokens 128 \
     --batches 1,8,32 --kv-budget 4GiB

@@ -4,6 +4,7 @@ bf16 autocast on GPU, MoE aux losses, per-source validation, checkpoints and exa
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import sys
@@ -33,10 +34,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def uses_bf16(device: torch.device, dtype: str) -> bool:
+    """bf16 on GPU by default; fp32 on CPU unless bfloat16 is asked for."""
+    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+
+
 def autocast_for(device: torch.device, dtype: str):
     """bf16 autocast on GPU by default; fp32 on CPU unless bfloat16 is asked for."""
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
+    if uses_bf16(device, dtype):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -277,9 +282,15 @@ class Trainer:
         B, T = x.shape
         prefix = max(1, T // 4)
         if self._teacher_engine is None:
-            budget = 2 * B * (T + 64) * kv_bytes_per_token(self.teacher.cfg, torch.float32)  # all rows at once
-            self._teacher_engine = Engine(self.teacher, None, EngineConfig(kv_budget=str(budget), max_num_seqs=B,
-                                                                           max_num_batched_tokens=max(1024, B * prefix)))
+            writer = self.teacher
+            if self.device.type == "cuda" and uses_bf16(self.device, self.cfg.train.dtype):
+                # a bf16 copy writes: the teacher as it is served (what a draft will be verified
+                # against), at half the bytes per decode step of float32 weights
+                writer = copy.deepcopy(self.teacher).to(torch.bfloat16)
+            dtype = next(writer.parameters()).dtype
+            budget = 2 * B * (T + 64) * kv_bytes_per_token(writer.cfg, dtype)  # all rows at once
+            self._teacher_engine = Engine(writer, None, EngineConfig(kv_budget=str(budget), max_num_seqs=B,
+                                                                     max_num_batched_tokens=max(1024, B * prefix)))
         total = min(T + 1, self._teacher_engine.max_model_len)  # T + 1 tokens where the teacher's context allows
         temp = self.cfg.train.distill_on_policy_temperature
         params = [SamplingParams(max_tokens=total - prefix, temperature=temp, seed=seed + i if temp else None,
