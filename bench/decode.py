@@ -105,6 +105,48 @@ def check_fused_step(cfg) -> dict:
     return out
 
 
+def graph_us(fn, reps: int = 20) -> float:
+    """Microseconds per call of fn, replayed back to back from one CUDA graph (no launch gaps from
+    the host, as in the decode step's graph)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return cuda_time_ms(g.replay, warmup=3, iters=20) * 1e3 / reps
+
+
+def kernel_table(model, bw_tbps: float) -> dict:
+    """The fused step's weight-reading kernels one at a time at batch 1 (layer 0's weights, two
+    experts chosen): microseconds and share of copy bandwidth."""
+    from moekit.infer.fused_decode import FusedDecoder, expert_down, expert_up, norm_linear
+
+    c, blk = model.cfg, model.blocks[0]
+    wqkv = FusedDecoder(model, torch.empty(1, 1, 1, 1, 1), torch.empty(1, 1, 1, 1, 1)).wqkv[0]
+    x = torch.randn(1, c.d_model, device="cuda")
+    y = torch.randn(1, c.n_heads * c.hd, device="cuda", dtype=torch.bfloat16)
+    xn = x.bfloat16()
+    ids = torch.tensor([[1, 5 % c.n_experts]], device="cuda", dtype=torch.int32)
+    gates = torch.full((1, 2), 0.5, device="cuda")
+    ex = blk.ffn.experts
+    h = expert_up(xn, ids, ex.w1, ex.w3)
+    logits = torch.empty(1, c.vocab_size, device="cuda")
+    rows = {"qkv (norm + linear)": (lambda: norm_linear(x, wqkv, blk.attn_norm.weight), wqkv.numel()),
+            "wo (linear, accumulate)": (lambda: norm_linear(y, blk.attn.wo.weight, out=x, accumulate=True),
+                                        blk.attn.wo.weight.numel()),
+            "lm_head (norm + linear)": (lambda: norm_linear(x, model.lm_head.weight, model.norm.weight, out=logits),
+                                        model.lm_head.weight.numel()),
+            "experts gate/up + silu": (lambda: expert_up(xn, ids, ex.w1, ex.w3), 2 * 2 * ex.w1[0].numel()),
+            "experts down + combine": (lambda: expert_down(h, ids, gates, ex.w2, x), 2 * ex.w2[0].numel())}
+    out = {}
+    for name, (fn, params) in rows.items():
+        us = graph_us(fn)
+        out[name] = {"us": us, "weight_mb": 2 * params / 1e6, "fraction_of_copy_bw": 2 * params / (us * 1e-6) / (bw_tbps * 1e12)}
+        print(f"  {name:26s} {us:7.2f} us  {2 * params / 1e6:7.1f} MB  {out[name]['fraction_of_copy_bw']:6.1%} of copy bandwidth")
+    return out
+
+
 def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, fused: bool, compile: bool = False,
                   pdl: bool = True):
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
@@ -173,7 +215,7 @@ def main():
             "moekit-unfused": dict(fused=False)}
     if args.compile:
         runs["moekit-unfused-compiled"] = dict(fused=False, compile=True)
-    results, step_ms, startup, tokens = {}, {}, {}, {}
+    results, step_ms, startup, tokens, kernels = {}, {}, {}, {}, None
     for name, kw in runs.items():
         results[name], tokens[name], step_ms[name], startup[name] = engine_decode(
             model, prompt[0].tolist(), args.new_tokens, args.max_num_seqs, **kw)
@@ -189,6 +231,12 @@ def main():
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=50))
         del engine
+        print("kernels at batch 1, one at a time (20 back to back in a graph):")
+        try:
+            kernels = kernel_table(model, bw)
+        except Exception as e:  # a diagnostic: never lose the run's results to it
+            kernels = f"{type(e).__name__}: {e}"[:300]
+            print(kernels)
     same = sum(1 for _ in zip(tokens["moekit-fused"], tokens["moekit-unfused"]))
     agree = next((i for i, (a, b) in enumerate(zip(tokens["moekit-fused"], tokens["moekit-unfused"])) if a != b), same)
     for impl in [s for s in args.hf_impls.split(",") if s]:
@@ -203,7 +251,7 @@ def main():
                "paged_kernel_rel_err_vs_fp64": numerics, "fused_step_numerics": fused_numerics,
                "greedy_tokens_identical_prefix_fused_vs_unfused": agree,
                "greedy_tokens_identical_pdl_vs_no_pdl": tokens["moekit-fused"] == tokens["moekit-fused-no-pdl"],
-               "decode_graph_ms_by_batch": step_ms,
+               "decode_graph_ms_by_batch": step_ms, "kernels_batch1": kernels,
                "decode_graph_fraction_of_roofline": {k: 1e3 / v[1] / roofline for k, v in step_ms.items()},
                "tok_s": results,
                "fraction_of_roofline": {k: v / roofline for k, v in results.items() if isinstance(v, float)}}
