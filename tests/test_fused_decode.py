@@ -17,7 +17,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
 pytest.importorskip("triton", reason="the fused decode kernels are Triton kernels")
 
 from moekit.config import ModelConfig  # noqa: E402
-from moekit.infer.fused_decode import FusedDecoder, norm_linear, unsupported_reason  # noqa: E402
+from moekit.infer.fused_decode import FusedDecoder, expert_down, expert_up, norm_linear, unsupported_reason  # noqa: E402
 from moekit.infer.kv_cache import PagedKVCache  # noqa: E402
 from moekit.infer.runner import ModelRunner  # noqa: E402
 from moekit.model.transformer import build_model  # noqa: E402
@@ -90,6 +90,34 @@ def test_norm_linear_against_float64(use_dot, split_k):
     expect = acc.double() + xd @ w.double().T
     norm_linear(x, w, out=acc, accumulate=True, use_dot=use_dot, split_k=split_k)
     torch.testing.assert_close(acc.double(), expect, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_experts_against_float64(split_k):
+    """The chosen experts' kernels with their splits reduced by the last program to arrive: 20 rows
+    over 3 experts (one expert unchosen, one with its rows over two tiles of 16) against a
+    float64 per-assignment loop."""
+    g = torch.Generator().manual_seed(split_k)
+    B, K, F, D, topk = 20, 40, 72, 40, 2
+    xn = torch.randn(B, K, generator=g)
+    w1, w3 = torch.randn(4, K, F, generator=g) / 6, torch.randn(4, K, F, generator=g) / 6
+    w2 = torch.randn(4, F, D, generator=g) / 8
+    ids = torch.stack([torch.full((B,), 0), torch.arange(B) % 2 + 1], 1).int()  # expert 3 unchosen
+    gates = torch.rand(B, topk, generator=g)
+    out0 = torch.randn(B, D, generator=g)
+    h = expert_up(xn, ids, w1, w3, split_k=split_k)
+    out = out0.clone()
+    expert_down(h, ids, gates, w2, out, split_k=split_k)
+    ref_h = torch.zeros(B * topk, F, dtype=torch.float64)
+    ref = out0.double().clone()
+    for b in range(B):
+        for j in range(topk):
+            e = int(ids[b, j])
+            a1, a3 = xn[b].double() @ w1[e].double(), xn[b].double() @ w3[e].double()
+            ref_h[b * topk + j] = torch.nn.functional.silu(a1) * a3
+            ref[b] += gates[b, j].double() * (ref_h[b * topk + j] @ w2[e].double())
+    torch.testing.assert_close(h.double(), ref_h, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_a_rows_logits_do_not_depend_on_the_batch():

@@ -1,4 +1,4 @@
-"""Fused small-batch decode step in Triton: ten kernels per MoE layer, each reading its weights
+"""Fused small-batch decode step in Triton: eight kernels per MoE layer, each reading its weights
 once, so a decode step is bound by memory bandwidth rather than by kernel launches.
 
 Per layer, with the residual stream kept in float32 [B, d]:
@@ -8,13 +8,14 @@ Per layer, with the residual stream kept in float32 [B, d]:
   4. output projection added into the residual           (_norm_linear)
   5. RMSNorm + router + softmax + top-k (+ renormalise)  (_route)
   6. the chosen experts' gate and up projections, SiLU   (_expert_up)
-  7. the chosen experts' down projections over shares of f (_expert_down), then gate-weighted
-     and added into the residual in a fixed order (_moe_combine)
+  7. the chosen experts' down projections, gate-weighted and added into the residual (_expert_down)
 The final norm + LM head is kernel 1 again. Every kernel takes only device tensors and reads no
-value on the host, so the whole step is captured in one CUDA graph. No kernel adds atomically and
-each is tuned once per weight shape, not per batch: a row's logits are the same bits whatever
-else is in the batch (speculative verification of k + 1 rows per request reproduces one-row
-decoding while its rows stay on the fused step, runner.FUSED_MAX_VERIFY).
+value on the host, so the whole step is captured in one CUDA graph. A kernel that splits its
+reduction over programs (shares of K) has the last program of each tile to arrive add the shares
+in a fixed order (_last_to_arrive); no value is added atomically, and each kernel is tuned once per
+weight shape, not per batch: a row's logits are the same bits whatever else is in the batch
+(speculative verification of k + 1 rows per request reproduces one-row decoding while its rows
+stay on the fused step, runner.FUSED_MAX_VERIFY).
 
 The plain model forward is the reference; tests hold the two equal (Triton's interpreter runs
 these kernels on CPU).
@@ -45,6 +46,18 @@ def _restore(*names):
 
 
 # -- 1/4: (RMSNorm +) linear, W in nn.Linear layout [N, K] -----------------------------------------
+@triton.jit
+def _last_to_arrive(sem_ptr, tile, ARRIVALS):
+    """Count this program in sem_ptr[tile] once its writes are out; True for the last of ARRIVALS,
+    which then sees every other program's writes (loads with cache_modifier=".cg") and resets the
+    count for the next launch."""
+    tl.debug_barrier()  # every thread's partials are written before the count is released
+    last = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu") == ARRIVALS - 1
+    if last:
+        tl.store(sem_ptr + tile, 0)
+    return last
+
+
 @triton.jit
 def _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM: tl.constexpr, ACCUM: tl.constexpr):
     if NORM:
@@ -107,10 +120,7 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
         tl.store(part_ptr + (pid_k * mp + rows)[:, None] * N + n[None, :], acc, mask=nmask[None, :])
         if NORM:
             tl.store(part_ptr + SPLIT_K * mp * N + pid_k * mp + rows, ss)
-        tl.debug_barrier()  # every thread's partials are written before the count is released
-        tile = pid_m * tl.num_programs(1) + pid_n
-        arrived = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        if _last_to_arrive(sem_ptr, pid_m * tl.num_programs(1) + pid_n, SPLIT_K):
             acc = tl.zeros([BM, BN], tl.float32)
             ss = tl.zeros([BM], tl.float32)
             for sk in tl.static_range(SPLIT_K):
@@ -118,7 +128,6 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
                                other=0.0, cache_modifier=".cg")
                 if NORM:
                     ss += tl.load(part_ptr + SPLIT_K * mp * N + sk * mp + rows, cache_modifier=".cg")
-            tl.store(sem_ptr + tile, 0)
             _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM)
 
 
@@ -287,13 +296,20 @@ def _dot(x, w, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, R, K, F, stride_we, TOPK: tl.constexpr,
+def _silu_store(h_ptr, rows, n, mask, F, a1, a3):
+    tl.store(h_ptr + rows[:, None] * F + n[None, :], (a1 / (1.0 + tl.exp(-a1)) * a3).to(h_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, h_ptr, sem_ptr, R, K, F, stride_we, TOPK: tl.constexpr,
                RP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     """Program (expert e, block of F, share of K): xn[r // TOPK] @ w1[e] and @ w3[e] over the share
-    for the assignments r routed to e, BM rows per tensor-core tile, into part [SPLIT_K, 2, R, F].
-    Each chosen expert's weights are read once for all its rows; unchosen experts are not read. A
-    row's sums do not depend on the other rows of its tile."""
+    for the assignments r routed to e, BM rows per tensor-core tile, into part [SPLIT_K, 2, R, F];
+    the last of the tile's SPLIT_K programs to arrive adds the shares in order 0 ... SPLIT_K - 1 and
+    writes h = silu(a1) * a3. Each chosen expert's weights are read once for all its rows;
+    unchosen experts are not read. A row's sums do not depend on the other rows of its tile."""
     gdc(PDL)
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -318,31 +334,36 @@ def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, R, K, F, stride_we, TO
             w1 = tl.load(w1_ptr + off, mask=m, other=0.0)
             acc1 = _dot(x.to(w1.dtype), w1, acc1, IEEE)
             acc3 = _dot(x.to(w1.dtype), tl.load(w3_ptr + off, mask=m, other=0.0), acc3, IEEE)
-        base = part_ptr + (pid_k * 2 * R + rows)[:, None] * F + n[None, :]
         omask = valid[:, None] & nmask[None, :]
-        tl.store(base, acc1, mask=omask)
-        tl.store(base + R * F, acc3, mask=omask)
+        if SPLIT_K == 1:
+            _silu_store(h_ptr, rows, n, omask, F, acc1, acc3)
+        else:
+            base = part_ptr + (pid_k * 2 * R + rows)[:, None] * F + n[None, :]
+            tl.store(base, acc1, mask=omask)
+            tl.store(base + R * F, acc3, mask=omask)
+    if SPLIT_K > 1:
+        if count > 0:  # the same for the tile's SPLIT_K programs
+            if _last_to_arrive(sem_ptr, e * tl.num_programs(1) + pid_n, SPLIT_K):
+                for t in range(0, count, BM):
+                    rows, valid, count_t = _expert_rows(ids_ptr, R, e, t, RP, BM)
+                    omask = valid[:, None] & nmask[None, :]
+                    a1 = tl.zeros([BM, BN], tl.float32)
+                    a3 = tl.zeros([BM, BN], tl.float32)
+                    for sk in tl.static_range(SPLIT_K):
+                        base = part_ptr + (sk * 2 * R + rows)[:, None] * F + n[None, :]
+                        a1 += tl.load(base, mask=omask, other=0.0, cache_modifier=".cg")
+                        a3 += tl.load(base + R * F, mask=omask, other=0.0, cache_modifier=".cg")
+                    _silu_store(h_ptr, rows, n, omask, F, a1, a3)
 
 
 @triton.jit
-def _silu_mul(part_ptr, h_ptr, RF, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """h = silu(a1) * a3, a1 and a3 summed over the K shares of _expert_up."""
-    gdc(PDL)
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < RF
-    a1 = tl.zeros([BLOCK], tl.float32)
-    a3 = tl.zeros([BLOCK], tl.float32)
-    for sk in tl.static_range(SPLIT_K):
-        a1 += tl.load(part_ptr + sk * 2 * RF + i, mask=mask, other=0.0)
-        a3 += tl.load(part_ptr + (sk * 2 + 1) * RF + i, mask=mask, other=0.0)
-    tl.store(h_ptr + i, (a1 / (1.0 + tl.exp(-a1)) * a3).to(h_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _expert_down(h_ptr, ids_ptr, w2_ptr, part_ptr, R, F, D, stride_we, RP: tl.constexpr, IEEE: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, B, R, F, D, stride_we, stride_ob,
+                 TOPK: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     """Program (expert e, block of D, share of F): part[share, r] = h[r] @ w2[e] over the share,
-    for the assignments r routed to e (tiles of BM rows, as in _expert_up)."""
+    for the assignments r routed to e (tiles of BM rows, as in _expert_up). The last of the E *
+    SPLIT_K programs of a block of D to arrive adds, for every row b, out[b] += sum_j gate[b, j]
+    sum_s part[s, b * TOPK + j] in this order (the same numbers whatever the batch)."""
     gdc(PDL)
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -364,30 +385,24 @@ def _expert_down(h_ptr, ids_ptr, w2_ptr, part_ptr, R, F, D, stride_we, RP: tl.co
                         other=0.0)
             acc = _dot(hk.to(w.dtype), w, acc, IEEE)
         tl.store(part_ptr + (pid_k * R + rows)[:, None] * D + n[None, :], acc, mask=valid[:, None] & nmask[None, :])
-
-
-@triton.jit
-def _moe_combine(part_ptr, gates_ptr, out_ptr, R, D, stride_ob, TOPK: tl.constexpr, SPLIT_K: tl.constexpr,
-                 BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """out[b] += sum_j gate[b, j] sum_s part[s, b * TOPK + j], in this order (deterministic: the
-    same numbers whatever the batch)."""
-    gdc(PDL)
-    b = tl.program_id(0)
-    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = n < D
-    y = tl.zeros([BLOCK], tl.float32)
-    for j in tl.static_range(TOPK):
-        t = tl.zeros([BLOCK], tl.float32)
-        for sk in tl.static_range(SPLIT_K):
-            t += tl.load(part_ptr + (sk * R + b * TOPK + j) * D + n, mask=mask, other=0.0)
-        y += t * tl.load(gates_ptr + b * TOPK + j)
-    optr = out_ptr + b * stride_ob + n
-    tl.store(optr, tl.load(optr, mask=mask, other=0.0) + y, mask=mask)
+    if _last_to_arrive(sem_ptr, pid_n, tl.num_programs(0) * SPLIT_K):
+        for b0 in range(0, B, BM):
+            b = b0 + tl.arange(0, BM)
+            m = (b < B)[:, None] & nmask[None, :]
+            y = tl.zeros([BM, BN], tl.float32)
+            for j in tl.static_range(TOPK):
+                yj = tl.zeros([BM, BN], tl.float32)
+                for sk in tl.static_range(SPLIT_K):
+                    yj += tl.load(part_ptr + (sk * R + b * TOPK + j)[:, None] * D + n[None, :], mask=m, other=0.0,
+                                  cache_modifier=".cg")
+                y += yj * tl.load(gates_ptr + b * TOPK + j, mask=b < B, other=0.0)[:, None]
+            optr = out_ptr + b[:, None] * stride_ob + n[None, :]
+            tl.store(optr, tl.load(optr, mask=m, other=0.0) + y, mask=m)
 
 
 def _up_configs():
     return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=4, num_stages=3)
-            for bn, bk in ((64, 64), (128, 64), (64, 128)) for sk in (2, 4, 8)]
+            for bn, bk in ((64, 64), (128, 64), (64, 128)) for sk in (1, 2, 4, 8)]
 
 
 def _down_configs():
@@ -395,48 +410,44 @@ def _down_configs():
             for bn, bk in ((64, 64), (128, 64), (64, 128), (256, 64)) for sk in (4, 8, 16)]
 
 
-# tuned once per weight shape (tensor-core tiles of 16 rows): the same numbers for every batch
+# tuned once per weight shape (tensor-core tiles of 16 rows): the same numbers for every batch; the
+# timed launch includes the reduction of the splits (SiLU, the gated combine), done inside
 _expert_up_tuned = triton.autotune(_up_configs(), key=["K", "F"], **_TUNE)(_expert_up)
-_expert_down_tuned = triton.autotune(_down_configs(), key=["F", "D"], **_TUNE)(_expert_down)
+_expert_down_tuned = triton.autotune(_down_configs(), key=["F", "D"], **_restore("out_ptr"), **_TUNE)(_expert_down)
 
 
-def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """xn: [B, K]; ids: [B, topk] int32; w1, w3: [E, K, F] -> h [B * topk, F] = silu(x w1) * (x w3)."""
+def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, split_k: int = 2) -> torch.Tensor:
+    """xn: [B, K]; ids: [B, topk] int32; w1, w3: [E, K, F] -> h [B * topk, F] = silu(x w1) * (x w3).
+    split_k picks the split off the GPU (on the GPU the autotuner picks)."""
     B, K = xn.shape
     topk, E, F = ids.shape[1], w1.shape[0], w1.shape[2]
     R = B * topk
     part = torch.empty(8, 2, R, F, device=xn.device, dtype=torch.float32)  # room for the largest K split
-    args = (xn, ids, w1, w3, part, R, K, F, w1.stride(0))
+    h = torch.empty(R, F, device=xn.device, dtype=w1.dtype)
+    sem = _sem(xn.device)
+    assert E * triton.cdiv(F, 32) <= _SEM_TILES, "too many tiles for the split counters"
+    args = (xn, ids, w1, w3, part, h, sem, R, K, F, w1.stride(0))
     kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w1.dtype == torch.float32, **pdl_kw(xn))
     if _INTERPRET or not xn.is_cuda:
-        splits = 2
-        _expert_up[(E, triton.cdiv(F, 32), splits)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=splits)
+        _expert_up[(E, triton.cdiv(F, 32), split_k)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=split_k)
     else:
         _expert_up_tuned[lambda m: (E, triton.cdiv(F, m["BN"]), m["SPLIT_K"])](*args, **kw)
-        splits = _expert_up_tuned.best_config.kwargs["SPLIT_K"]
-    h = torch.empty(R, F, device=xn.device, dtype=w1.dtype)
-    _silu_mul[(triton.cdiv(R * F, 256),)](part, h, R * F, SPLIT_K=splits, BLOCK=256, **pdl_kw(xn))  # many programs: latency
     return h
 
 
-def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> None:
+def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: torch.Tensor, out: torch.Tensor,
+                split_k: int = 2) -> None:
     """h: [B * topk, F]; ids, gates: [B, topk]; w2: [E, F, D]; out [B, D] float32 += the gated sum."""
     B, topk = ids.shape
     E, F, D = w2.shape
     R = B * topk
     part = torch.empty(16, R, D, device=h.device, dtype=torch.float32)  # room for the largest F split
-    args = (h, ids, w2, part, R, F, D, w2.stride(0))
-    kw = dict(RP=max(16, triton.next_power_of_2(R)), IEEE=w2.dtype == torch.float32, **pdl_kw(h))
+    args = (h, ids, gates, w2, part, out, _sem(h.device), B, R, F, D, w2.stride(0), out.stride(0))
+    kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w2.dtype == torch.float32, **pdl_kw(h))
     if _INTERPRET or not h.is_cuda:
-        splits = 2
-        _expert_down[(E, triton.cdiv(D, 32), splits)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=splits)
+        _expert_down[(E, triton.cdiv(D, 32), split_k)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=split_k)
     else:
         _expert_down_tuned[lambda m: (E, triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args, **kw)
-        splits = _expert_down_tuned.best_config.kwargs["SPLIT_K"]
-    # small blocks: each program sums TOPK * SPLIT_K partials of its columns, and many programs hide
-    # the latency of those loads (one program per row took 20 us per layer)
-    _moe_combine[(B, triton.cdiv(D, 128))](part, gates, out, R, D, out.stride(0), TOPK=topk, SPLIT_K=splits,
-                                          BLOCK=128, **pdl_kw(h))
 
 
 # -- the decode step -------------------------------------------------------------------------------
