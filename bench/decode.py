@@ -151,7 +151,7 @@ def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, 
                   pdl: bool = True):
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
     graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch."""
-    from moekit.infer import pdl as pdl_mod
+    from moekit.infer import triton_sync as pdl_mod
 
     pdl_mod.ENABLED, was = pdl, pdl_mod.ENABLED
     try:

@@ -12,8 +12,9 @@ Per layer, with the residual stream kept in float32 [B, d]:
 The final norm + LM head is kernel 1 again. Every kernel takes only device tensors and reads no
 value on the host, so the whole step is captured in one CUDA graph. A kernel that splits its
 reduction over programs (shares of K) has the last program of each tile to arrive add the shares
-in a fixed order (_last_to_arrive); no value is added atomically, and each kernel is tuned once per
-weight shape, not per batch: a row's logits are the same bits whatever else is in the batch
+in a fixed order (triton_sync.last_to_arrive); no value is added atomically, and each kernel is
+tuned once per weight shape, not per batch: a row's logits are the same bits whatever else is in
+the batch
 (speculative verification of k + 1 rows per request reproduces one-row decoding while its rows
 stay on the fused step, runner.FUSED_MAX_VERIFY).
 
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.infer.pdl import gdc, pdl_kw
+from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, tile_counters
 from moekit.infer.triton_paged import paged_decode_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -46,18 +47,6 @@ def _restore(*names):
 
 
 # -- 1/4: (RMSNorm +) linear, W in nn.Linear layout [N, K] -----------------------------------------
-@triton.jit
-def _last_to_arrive(sem_ptr, tile, ARRIVALS):
-    """Count this program in sem_ptr[tile] once its writes are out; True for the last of ARRIVALS,
-    which then sees every other program's writes (loads with cache_modifier=".cg") and resets the
-    count for the next launch."""
-    tl.debug_barrier()  # every thread's partials are written before the count is released
-    last = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu") == ARRIVALS - 1
-    if last:
-        tl.store(sem_ptr + tile, 0)
-    return last
-
-
 @triton.jit
 def _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM: tl.constexpr, ACCUM: tl.constexpr):
     if NORM:
@@ -120,7 +109,7 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
         tl.store(part_ptr + (pid_k * mp + rows)[:, None] * N + n[None, :], acc, mask=nmask[None, :])
         if NORM:
             tl.store(part_ptr + SPLIT_K * mp * N + pid_k * mp + rows, ss)
-        if _last_to_arrive(sem_ptr, pid_m * tl.num_programs(1) + pid_n, SPLIT_K):
+        if last_to_arrive(sem_ptr, pid_m * tl.num_programs(1) + pid_n, SPLIT_K):
             acc = tl.zeros([BM, BN], tl.float32)
             ss = tl.zeros([BM], tl.float32)
             for sk in tl.static_range(SPLIT_K):
@@ -147,14 +136,6 @@ def _prune_splits(configs, named_args, **kwargs):
 
 
 _SPLIT_MAX_N = 16384
-_SEM_TILES = 1 << 16  # tile counters per device, all zero between launches
-_sems: dict[torch.device, torch.Tensor] = {}
-
-
-def _sem(device: torch.device) -> torch.Tensor:
-    if device not in _sems:  # allocated at the first (eager) call, before any graph is captured
-        _sems[device] = torch.zeros(_SEM_TILES, dtype=torch.int32, device=device)
-    return _sems[device]
 
 
 # tuned once per weight shape, not per batch size: the numbers of a row do not depend on the
@@ -179,8 +160,7 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     mp = triton.cdiv(B, bm_min) * bm_min
     splits = 8 if N <= _SPLIT_MAX_N else 1
     part = torch.empty(splits * mp * (N + 1) if splits > 1 else 1, device=x.device, dtype=torch.float32)
-    sem = _sem(x.device)
-    assert triton.cdiv(B, bm_min) * triton.cdiv(N, 16) <= _SEM_TILES, "too many tiles for the split counters"
+    sem = tile_counters(x.device, triton.cdiv(B, bm_min) * triton.cdiv(N, 16))
     args = (x, g if g is not None else x, w, out, part, sem, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0))
     kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, **pdl_kw(x))
     if _INTERPRET or not x.is_cuda:  # fixed tiles; on GPU the autotuner picks
@@ -343,7 +323,7 @@ def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, h_ptr, sem_ptr, R, K, 
             tl.store(base + R * F, acc3, mask=omask)
     if SPLIT_K > 1:
         if count > 0:  # the same for the tile's SPLIT_K programs
-            if _last_to_arrive(sem_ptr, e * tl.num_programs(1) + pid_n, SPLIT_K):
+            if last_to_arrive(sem_ptr, e * tl.num_programs(1) + pid_n, SPLIT_K):
                 for t in range(0, count, BM):
                     rows, valid, count_t = _expert_rows(ids_ptr, R, e, t, RP, BM)
                     omask = valid[:, None] & nmask[None, :]
@@ -385,7 +365,7 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, 
                         other=0.0)
             acc = _dot(hk.to(w.dtype), w, acc, IEEE)
         tl.store(part_ptr + (pid_k * R + rows)[:, None] * D + n[None, :], acc, mask=valid[:, None] & nmask[None, :])
-    if _last_to_arrive(sem_ptr, pid_n, tl.num_programs(0) * SPLIT_K):
+    if last_to_arrive(sem_ptr, pid_n, tl.num_programs(0) * SPLIT_K):
         for b0 in range(0, B, BM):
             b = b0 + tl.arange(0, BM)
             m = (b < B)[:, None] & nmask[None, :]
@@ -424,8 +404,7 @@ def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.T
     R = B * topk
     part = torch.empty(8, 2, R, F, device=xn.device, dtype=torch.float32)  # room for the largest K split
     h = torch.empty(R, F, device=xn.device, dtype=w1.dtype)
-    sem = _sem(xn.device)
-    assert E * triton.cdiv(F, 32) <= _SEM_TILES, "too many tiles for the split counters"
+    sem = tile_counters(xn.device, E * triton.cdiv(F, 32))
     args = (xn, ids, w1, w3, part, h, sem, R, K, F, w1.stride(0))
     kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w1.dtype == torch.float32, **pdl_kw(xn))
     if _INTERPRET or not xn.is_cuda:
@@ -442,7 +421,7 @@ def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: tor
     E, F, D = w2.shape
     R = B * topk
     part = torch.empty(16, R, D, device=h.device, dtype=torch.float32)  # room for the largest F split
-    args = (h, ids, gates, w2, part, out, _sem(h.device), B, R, F, D, w2.stride(0), out.stride(0))
+    args = (h, ids, gates, w2, part, out, tile_counters(h.device, triton.cdiv(D, 32)), B, R, F, D, w2.stride(0), out.stride(0))
     kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w2.dtype == torch.float32, **pdl_kw(h))
     if _INTERPRET or not h.is_cuda:
         _expert_down[(E, triton.cdiv(D, 32), split_k)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=split_k)

@@ -1,7 +1,8 @@
 """Paged decode attention in Triton (flash-decoding): one program per (row, KV head, context
 split) reads its pages straight from the block table, keeps an online softmax, and writes a
-partial result; a small reduction merges the splits. All query heads that share a KV head are
-served by one program, so multi-query attention reads each K/V page once."""
+partial result; the last of a (row, KV head)'s programs to finish merges the splits, in split
+order (one launch). All query heads that share a KV head are served by one program, so
+multi-query attention reads each K/V page once."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.infer.pdl import gdc, pdl_kw
+from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, tile_counters
 
 
 @triton.jit
-def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr,
+def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr, out_ptr, sem_ptr,
                         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb,
                         sm_scale, pages_per_split, n_splits,
                         G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, PAGE: tl.constexpr,
@@ -60,23 +61,26 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr,
     tl.store(acc_ptr + row[:, None] * HD + d[None, :], acc, mask=gmask[:, None])
     tl.store(ml_ptr + row * 2, m_i, mask=gmask)
     tl.store(ml_ptr + row * 2 + 1, l_i, mask=gmask)
-
-
-@triton.jit
-def _merge_splits(acc_ptr, ml_ptr, out_ptr, n_splits, HD: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
-    """One program per (row, head): weight each split by exp(max - global max) and normalise."""
-    gdc(PDL)
-    r = tl.program_id(0)
-    s = tl.arange(0, SP)
-    d = tl.arange(0, HD)
-    smask = s < n_splits
-    m = tl.load(ml_ptr + (r * n_splits + s) * 2, mask=smask, other=float("-inf"))
-    lsum = tl.load(ml_ptr + (r * n_splits + s) * 2 + 1, mask=smask, other=0.0)
-    w = tl.exp(m - tl.max(m, 0))
-    w = tl.where(m == float("-inf"), 0.0, w)  # splits past the context hold nothing
-    acc = tl.load(acc_ptr + (r * n_splits + s)[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
-    tl.store(out_ptr + r * HD + d, out.to(out_ptr.dtype.element_ty))
+    if last_to_arrive(sem_ptr, b * tl.num_programs(1) + kvh, n_splits):
+        # merge the splits that hold context, in order: rescale to the running max and add
+        m_all = tl.full([GP], float("-inf"), tl.float32)
+        l_all = tl.zeros([GP], tl.float32)
+        o = tl.zeros([GP, HD], tl.float32)
+        first_row = (b * (tl.num_programs(1) * G) + heads) * n_splits
+        for sp in range(0, tl.cdiv(n_pages, pages_per_split)):
+            m_s = tl.load(ml_ptr + (first_row + sp) * 2, mask=gmask, other=0.0, cache_modifier=".cg")
+            l_s = tl.load(ml_ptr + (first_row + sp) * 2 + 1, mask=gmask, other=0.0, cache_modifier=".cg")
+            a_s = tl.load(acc_ptr + (first_row + sp)[:, None] * HD + d[None, :], mask=gmask[:, None], other=0.0,
+                          cache_modifier=".cg")
+            m_new = tl.maximum(m_all, m_s)
+            alpha = tl.exp(m_all - m_new)
+            beta = tl.exp(m_s - m_new)
+            l_all = l_all * alpha + l_s * beta
+            o = o * alpha[:, None] + a_s * beta[:, None]
+            m_all = m_new
+        out = o / tl.where(l_all > 0, l_all, 1.0)[:, None]  # padded heads hold nothing
+        tl.store(out_ptr + (b * (tl.num_programs(1) * G) + heads)[:, None] * HD + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -90,12 +94,11 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     n_splits = triton.cdiv(block_tables.shape[1], pages_per_split)
     acc = torch.empty(B, H, n_splits, hd, device=q.device, dtype=torch.float32)
     ml = torch.empty(B, H, n_splits, 2, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
     q = q.contiguous()
     _paged_decode_split[(B, Hkv, n_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, acc, ml,
+        q, k_cache, v_cache, block_tables, context_lens, acc, ml, out, tile_counters(q.device, B * Hkv),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         hd ** -0.5, pages_per_split, n_splits,
         G=G, GP=max(16, triton.next_power_of_2(G)), HD=hd, PAGE=page, IEEE=q.dtype == torch.float32, **pdl_kw(q))
-    out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
-    _merge_splits[(B * H,)](acc, ml, out, n_splits, HD=hd, SP=triton.next_power_of_2(n_splits), **pdl_kw(q))
     return out

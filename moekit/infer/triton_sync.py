@@ -1,0 +1,76 @@
+"""How the decode kernels order their work: with the kernel before them (programmatic dependent
+launch) and among their own programs (the last program of a tile reduces the others' partials).
+
+Programmatic dependent launch (Hopper and later).
+
+A decode step is a chain of small kernels; between two of them the GPU idles while the next one
+launches and its programs are placed. Launched with PDL, a kernel's programs are placed while the
+previous kernel is still running and wait (griddepcontrol.wait) at their top until that kernel
+has finished and its writes are visible, so the numbers are those of plain stream order; only the
+launch gap goes. Every kernel taking `PDL` calls `gdc` first, before touching memory.
+
+MOEKIT_PDL=0 switches it off (as does `ENABLED = False` before the kernels are launched or a
+graph captured).
+
+Split reductions. A kernel that splits a sum over several programs has each write its partial
+sums and count itself in a per-tile counter (`last_to_arrive`); the last to arrive adds all the
+partials in a fixed order, so the result does not depend on which program finished last, and
+resets the counter. One launch instead of a kernel and its reduction, and no value added
+atomically (the same bits on every run).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ENABLED = os.environ.get("MOEKIT_PDL", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@triton.jit
+def gdc(PDL: tl.constexpr):
+    """Wait for the previous kernel in the stream, then let the next one be placed."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_kw(t: torch.Tensor) -> dict:
+    """Launch keywords for a kernel taking PDL, its tensors on t's device."""
+    on = ENABLED and t.is_cuda and _hopper(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def last_to_arrive(sem_ptr, tile, ARRIVALS):
+    """Count this program in sem_ptr[tile] once its writes are out; True for the last of ARRIVALS,
+    which then sees every other program's writes (load them with cache_modifier=".cg") and resets
+    the count for the next launch."""
+    tl.debug_barrier()  # every thread's partials are written before the count is released
+    last = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu") == ARRIVALS - 1
+    if last:
+        tl.store(sem_ptr + tile, 0)
+    return last
+
+
+MAX_TILES = 1 << 16  # tile counters per device, all zero between launches
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The device's tile counters (zeros; allocated at the first call, an eager one before any
+    graph is captured); at least `tiles` of them."""
+    if tiles > MAX_TILES:
+        raise ValueError(f"{tiles} tiles exceed the {MAX_TILES} split counters")
+    if device not in _counters:
+        _counters[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _counters[device]
