@@ -141,6 +141,27 @@ def test_paged_attention_merges_its_splits(Hkv):
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bk", [16, 64])
+def test_route_against_float64(bk):
+    """RMSNorm + router + softmax + top-2 with renormalised gates, in one tile (bk = d) or over
+    several: the normed rows, the chosen experts and their gates against float64."""
+    from moekit.infer.fused_decode import _route
+
+    g = torch.Generator().manual_seed(bk)
+    B, d, E, topk = 6, 64, 5, 2
+    x, gamma, wr = torch.randn(B, d, generator=g), torch.rand(d, generator=g) + 0.5, torch.randn(E, d, generator=g)
+    xn = torch.empty(B, d)
+    ids, gates = torch.empty(B, topk, dtype=torch.int32), torch.empty(B, topk)
+    _route[(B,)](x, gamma, wr, xn, ids, gates, d, E, 1e-5, x.stride(0), EP=8, BK=bk, TOPK=topk, RENORM=True, PDL=False)
+    xd = x.double()
+    ref_xn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
+    p = torch.softmax(ref_xn @ wr.double().T, -1)
+    top, top_ids = p.topk(topk, -1)
+    torch.testing.assert_close(xn.double(), ref_xn, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids.long(), top_ids)
+    torch.testing.assert_close(gates.double(), top / top.sum(-1, keepdim=True), rtol=1e-5, atol=1e-5)
+
+
 def test_a_rows_logits_do_not_depend_on_the_batch():
     """Batch invariance: a request's logits and K/V are the same bits decoded alone or among
     other rows (what makes speculative verification reproduce one-row decoding exactly)."""

@@ -1,4 +1,4 @@
-"""Fused small-batch decode step in Triton: eight kernels per MoE layer, each reading its weights
+"""Fused small-batch decode step in Triton: seven kernels per MoE layer, each reading its weights
 once, so a decode step is bound by memory bandwidth rather than by kernel launches.
 
 Per layer, with the residual stream kept in float32 [B, d]:
@@ -216,24 +216,35 @@ def _route(x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, K, E, eps, stride_x
     logits = xn @ wr.T in float32, softmax, the TOPK largest (ids and gates)."""
     gdc(PDL)
     b = tl.program_id(0)
-    ss = tl.zeros([BK], tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        xk = tl.load(x_ptr + b * stride_xb + kk, mask=kk < K, other=0.0).to(tl.float32)
-        ss += xk * xk
-    rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
     e = tl.arange(0, EP)
     emask = e < E
-    logits = tl.zeros([EP], tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
+    if K <= BK:  # one tile: every load issued up front (one round trip to memory, not two)
+        kk = tl.arange(0, BK)
         kmask = kk < K
         xk = tl.load(x_ptr + b * stride_xb + kk, mask=kmask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+        w = tl.load(wr_ptr + e[:, None] * K + kk[None, :], mask=emask[:, None] & kmask[None, :], other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xk * xk, 0) / K + eps)
         xn = (xk * rstd * g).to(xn_ptr.dtype.element_ty)
         tl.store(xn_ptr + b * K + kk, xn, mask=kmask)
-        w = tl.load(wr_ptr + e[:, None] * K + kk[None, :], mask=emask[:, None] & kmask[None, :], other=0.0)
-        logits += tl.sum(w.to(tl.float32) * xn.to(tl.float32)[None, :], 1)
+        logits = tl.sum(w.to(tl.float32) * xn.to(tl.float32)[None, :], 1)
+    else:
+        ss = tl.zeros([BK], tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            xk = tl.load(x_ptr + b * stride_xb + kk, mask=kk < K, other=0.0).to(tl.float32)
+            ss += xk * xk
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+        logits = tl.zeros([EP], tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < K
+            xk = tl.load(x_ptr + b * stride_xb + kk, mask=kmask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+            xn = (xk * rstd * g).to(xn_ptr.dtype.element_ty)
+            tl.store(xn_ptr + b * K + kk, xn, mask=kmask)
+            w = tl.load(wr_ptr + e[:, None] * K + kk[None, :], mask=emask[:, None] & kmask[None, :], other=0.0)
+            logits += tl.sum(w.to(tl.float32) * xn.to(tl.float32)[None, :], 1)
     logits = tl.where(emask, logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits, 0))
     p = p / tl.sum(p, 0)
