@@ -48,6 +48,21 @@ def _restore(*names):
 
 # -- 1/4: (RMSNorm +) linear, W in nn.Linear layout [N, K] -----------------------------------------
 @triton.jit
+def _prefetch_l2(ptrs):
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2::evict_last [$1];", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_share(w_ptr, n, nmask, stride_wn, k_lo, k_hi, K, BK: tl.constexpr, LINE: tl.constexpr):
+    """Prefetch rows n, columns k_lo ... k_hi of w into L2, one request per line of LINE elements."""
+    nn = tl.where(nmask, n, 0)
+    for k0 in range(k_lo, k_hi, BK):
+        kk = tl.minimum(k0 + tl.arange(0, BK // LINE) * LINE, K - 1)
+        _prefetch_l2(w_ptr + nn[:, None] * stride_wn + kk[None, :])
+
+
+@triton.jit
 def _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM: tl.constexpr, ACCUM: tl.constexpr):
     if NORM:
         acc = acc / tl.sqrt(ss / K + eps)[:, None]
@@ -62,7 +77,7 @@ def _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM: tl
 def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob,
                  NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PDL: tl.constexpr, LINE: tl.constexpr = 64, PREFETCH_K: tl.constexpr = 1024):
     """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM. All rows of a BM
     block share each weight tile (tl.dot on rows padded to BM). ACCUM adds into out; otherwise
     out is overwritten.
@@ -71,8 +86,10 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
     share's partial sums (and sums of squares) to part_ptr and counts itself in sem_ptr[tile];
     the last of a tile's SPLIT_K programs to arrive adds the shares in the order 0 ... SPLIT_K - 1
     (whoever arrives last, the same sum: deterministic) and resets the count. One launch, no
-    atomically added values."""
-    gdc(PDL)
+    atomically added values.
+
+    Launched early (PDL), a program first asks L2 for the start of its weight share, which does
+    not depend on the kernel before it, and then waits for that kernel."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -82,6 +99,10 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
     nmask = n < N
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
+    if PDL:
+        _prefetch_share(w_ptr, n, nmask, stride_wn, k_lo, tl.minimum(k_lo + k_per, tl.minimum(K, k_lo + PREFETCH_K)),
+                        K, BK, LINE)
+    gdc(PDL)
     acc = tl.zeros([BM, BN], tl.float32)
     ss = tl.zeros([BM], tl.float32)
     for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
@@ -162,7 +183,8 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     part = torch.empty(splits * mp * (N + 1) if splits > 1 else 1, device=x.device, dtype=torch.float32)
     sem = tile_counters(x.device, triton.cdiv(B, bm_min) * triton.cdiv(N, 16))
     args = (x, g if g is not None else x, w, out, part, sem, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0))
-    kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, **pdl_kw(x))
+    kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, LINE=128 // w.element_size(),
+              **pdl_kw(x))
     if _INTERPRET or not x.is_cuda:  # fixed tiles; on GPU the autotuner picks
         bm = 16 if use_dot else 1
         split_k = split_k if N <= _SPLIT_MAX_N else 1
