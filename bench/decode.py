@@ -148,16 +148,18 @@ def kernel_table(model, bw_tbps: float) -> dict:
 
 
 def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, fused: bool, compile: bool = False,
-                  pdl: bool = True):
+                  pdl: bool = True, prefetch: bool = True):
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
-    graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch."""
-    from moekit.infer import triton_sync as pdl_mod
+    graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch;
+    prefetch=False keeps the early-launched projections from prefetching their weights."""
+    from moekit.infer import fused_decode, triton_sync
 
-    pdl_mod.ENABLED, was = pdl, pdl_mod.ENABLED
+    was = triton_sync.ENABLED, fused_decode.PREFETCH_K
+    triton_sync.ENABLED, fused_decode.PREFETCH_K = pdl, (was[1] if prefetch else 0)
     try:
         return _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile)
     finally:
-        pdl_mod.ENABLED = was
+        triton_sync.ENABLED, fused_decode.PREFETCH_K = was
 
 
 def _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile):
@@ -211,8 +213,8 @@ def main():
     roofline = bw * 1e12 / (weight_bytes + kv_bytes)
 
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    runs = {"moekit-fused": dict(fused=True), "moekit-fused-no-pdl": dict(fused=True, pdl=False),
-            "moekit-unfused": dict(fused=False)}
+    runs = {"moekit-fused": dict(fused=True), "moekit-fused-no-prefetch": dict(fused=True, prefetch=False),
+            "moekit-fused-no-pdl": dict(fused=True, pdl=False), "moekit-unfused": dict(fused=False)}
     if args.compile:
         runs["moekit-unfused-compiled"] = dict(fused=False, compile=True)
     results, step_ms, startup, tokens, kernels = {}, {}, {}, {}, None

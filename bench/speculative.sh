@@ -5,14 +5,14 @@
 #
 #   bash bench/speculative.sh [TARGET_STEPS] [DRAFT_STEPS] [K] [ON_POLICY]
 #
-# ON_POLICY (default 0.25): the share of the draft's micro-batches written by the target itself
+# ON_POLICY (default 0.5): the share of the draft's micro-batches written by the target itself
 # (--distill-on-policy); 0 distils on the corpus only. A model already trained in $RUNS is kept
 # and a stage cut short resumes from its last checkpoint, so the stages can run as separate calls.
 set -euo pipefail
-TSTEPS=${1:-1200}
-DSTEPS=${2:-1000}
+TSTEPS=${1:-1000}
+DSTEPS=${2:-600}
 K=${3:-4}
-ON_POLICY=${4:-0.25}
+ON_POLICY=${4:-0.5}
 RUNS=${RUNS:-runs}
 MOEKIT=${MOEKIT:-python -m moekit}
 # the newest checkpoint's step in a run folder (empty: none)

@@ -35,6 +35,9 @@ from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, tile_counters
 from moekit.infer.triton_paged import paged_decode_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# projections launched early prefetch this many columns of their weight rows into L2 (0: off;
+# MOEKIT_PREFETCH=0)
+PREFETCH_K = 0 if os.environ.get("MOEKIT_PREFETCH") == "0" else 1024
 
 
 # autotuning results are kept on disk (Triton's cache) where this Triton can
@@ -77,7 +80,7 @@ def _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM: tl
 def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob,
                  NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-                 PDL: tl.constexpr, LINE: tl.constexpr = 64, PREFETCH_K: tl.constexpr = 1024):
+                 PDL: tl.constexpr, LINE: tl.constexpr = 64, PREFETCH_K: tl.constexpr = 0):
     """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM. All rows of a BM
     block share each weight tile (tl.dot on rows padded to BM). ACCUM adds into out; otherwise
     out is overwritten.
@@ -99,7 +102,7 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
     nmask = n < N
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
-    if PDL:
+    if PDL and PREFETCH_K > 0:
         _prefetch_share(w_ptr, n, nmask, stride_wn, k_lo, tl.minimum(k_lo + k_per, tl.minimum(K, k_lo + PREFETCH_K)),
                         K, BK, LINE)
     gdc(PDL)
@@ -184,7 +187,7 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     sem = tile_counters(x.device, triton.cdiv(B, bm_min) * triton.cdiv(N, 16))
     args = (x, g if g is not None else x, w, out, part, sem, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0))
     kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, LINE=128 // w.element_size(),
-              **pdl_kw(x))
+              PREFETCH_K=PREFETCH_K, **pdl_kw(x))
     if _INTERPRET or not x.is_cuda:  # fixed tiles; on GPU the autotuner picks
         bm = 16 if use_dot else 1
         split_k = split_k if N <= _SPLIT_MAX_N else 1
