@@ -52,7 +52,7 @@ def _restore(*names):
 # -- 1/4: (RMSNorm +) linear, W in nn.Linear layout [N, K] -----------------------------------------
 @triton.jit
 def _prefetch_l2(ptrs):
-    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2::evict_last [$1];", "=r,l", [ptrs],
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs],
                               dtype=tl.int32, is_pure=False, pack=1)
 
 
@@ -144,7 +144,7 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
             _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM)
 
 
-def _linear_configs():
+def _linear_configs():  # BM = 16 throughout: norm_linear pads the partial sums' rows to 16
     """Tensor-core tiles, rows padded to 16: a row's result does not depend on the other rows of
     its tile, so one tuned tile per weight shape serves every batch size with the same numbers.
     Splits of K give a narrow weight (attention projections) enough programs to fill the GPU."""
@@ -178,13 +178,14 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     (on the GPU the autotuner picks)."""
     B, K = x.shape
     N = w.shape[0]
+    assert 1 <= split_k <= 8, "split_k: 1 ... 8 (the partial sums are sized for 8)"
     if out is None:
         out = torch.empty(B, N, device=x.device, dtype=w.dtype)
-    bm_min = 16
+    bm_min = 16  # every tuned config has BM = 16 (_linear_configs): part rows are padded to it
     mp = triton.cdiv(B, bm_min) * bm_min
     splits = 8 if N <= _SPLIT_MAX_N else 1
     part = torch.empty(splits * mp * (N + 1) if splits > 1 else 1, device=x.device, dtype=torch.float32)
-    sem = tile_counters(x.device, triton.cdiv(B, bm_min) * triton.cdiv(N, 16))
+    sem = tile_counters(x.device, B * triton.cdiv(N, 16))  # enough for BM = 1 tiles too
     args = (x, g if g is not None else x, w, out, part, sem, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0))
     kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, LINE=128 // w.element_size(),
               PREFETCH_K=PREFETCH_K, **pdl_kw(x))
@@ -438,6 +439,7 @@ def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.T
     B, K = xn.shape
     topk, E, F = ids.shape[1], w1.shape[0], w1.shape[2]
     R = B * topk
+    assert 1 <= split_k <= 8, "split_k: 1 ... 8 (the partial sums are sized for 8)"
     part = torch.empty(8, 2, R, F, device=xn.device, dtype=torch.float32)  # room for the largest K split
     h = torch.empty(R, F, device=xn.device, dtype=w1.dtype)
     sem = tile_counters(xn.device, E * triton.cdiv(F, 32))
@@ -456,6 +458,7 @@ def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: tor
     B, topk = ids.shape
     E, F, D = w2.shape
     R = B * topk
+    assert 1 <= split_k <= 16, "split_k: 1 ... 16 (the partial sums are sized for 16)"
     part = torch.empty(16, R, D, device=h.device, dtype=torch.float32)  # room for the largest F split
     args = (h, ids, gates, w2, part, out, tile_counters(h.device, triton.cdiv(D, 32)), B, R, F, D, w2.stride(0), out.stride(0))
     kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w2.dtype == torch.float32, **pdl_kw(h))

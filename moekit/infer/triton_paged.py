@@ -58,9 +58,10 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr, 
         m_i = m_new
     # partials: acc [B, H, S, HD] (unnormalised), ml [B, H, S, 2] = (max, sum)
     row = (b * (tl.num_programs(1) * G) + heads) * n_splits + split
-    tl.store(acc_ptr + row[:, None] * HD + d[None, :], acc, mask=gmask[:, None])
-    tl.store(ml_ptr + row * 2, m_i, mask=gmask)
-    tl.store(ml_ptr + row * 2 + 1, l_i, mask=gmask)
+    if first < last:  # splits past the context write nothing (the merge reads only those before)
+        tl.store(acc_ptr + row[:, None] * HD + d[None, :], acc, mask=gmask[:, None])
+        tl.store(ml_ptr + row * 2, m_i, mask=gmask)
+        tl.store(ml_ptr + row * 2 + 1, l_i, mask=gmask)
     if last_to_arrive(sem_ptr, b * tl.num_programs(1) + kvh, n_splits):
         # merge the splits that hold context, in order: rescale to the running max and add
         m_all = tl.full([GP], float("-inf"), tl.float32)

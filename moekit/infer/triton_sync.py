@@ -16,7 +16,10 @@ Split reductions. A kernel that splits a sum over several programs has each writ
 sums and count itself in a per-tile counter (`last_to_arrive`); the last to arrive adds all the
 partials in a fixed order, so the result does not depend on which program finished last, and
 resets the counter. One launch instead of a kernel and its reduction, and no value added
-atomically (the same bits on every run).
+atomically (the same bits on every run). The counters of a device are shared by every such
+kernel, which is safe while those kernels run one after another on one stream (as the engine's
+decode steps, graphs and warm-ups do); two such kernels running at once on two streams could
+mix their counts.
 """
 
 from __future__ import annotations
