@@ -73,6 +73,16 @@ def test_fused_step_matches_model(kw):
     kv.v.copy_(v0)
     again = runner.forward_chunks([(r, L, [int(t)]) for r, L, t in zip(reqs, lens, toks)])
     torch.testing.assert_close(again, ref, rtol=0, atol=0)
+    # the graph path: inputs staged as int32 rows [token, position, slot, length, table] reach the
+    # fused step as they reach the model path
+    kv.k.copy_(k0)
+    kv.v.copy_(v0)
+    buf = runner._graph_inputs(len(lens))
+    h = buf["stage"].numpy()
+    runner.stage_rows(h, [(SimpleNamespace(blocks=r.blocks), L, int(t)) for r, L, t in zip(reqs, lens, toks)])
+    runner.fused = fused
+    torch.testing.assert_close(runner._run_static(buf), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kv.k, k_ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 3])

@@ -219,7 +219,7 @@ def _rope_store(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_pt
     pos = tl.load(pos_ptr + b)
     c = tl.load(cos_ptr + pos * 2 * HALF + d)
     s = tl.load(sin_ptr + pos * 2 * HALF + d)
-    slot = tl.load(slot_ptr + b)
+    slot = tl.load(slot_ptr + b).to(tl.int64)  # slots x heads x head size can pass 2^31
     if h < H + HKV:
         y1 = x1 * c - x2 * s
         y2 = x2 * c + x1 * s
@@ -524,7 +524,8 @@ class FusedDecoder:
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor) -> torch.Tensor:
-        """ids, pos, slots: [B]; tables: [B, max_blocks] int32; lens: [B] int32 -> logits [B, vocab] float32."""
+        """ids, pos, slots: [B] (int32 or int64); tables: [B, max_blocks] int32; lens: [B] int32 -> logits
+        [B, vocab] float32."""
         m, c = self.model, self.cfg
         if not self._fused_current():
             self._fuse()

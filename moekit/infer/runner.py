@@ -126,10 +126,12 @@ class ModelRunner:
     def _run_static(self, buf: dict, fused_max: int = FUSED_MAX_BATCH) -> torch.Tensor:
         stage = buf["stage"]
         b = stage.shape[0]
+        tables = stage[:, self._META:]  # rows strided
+        if self.fused is not None and b <= fused_max:  # int32 token, position, slot, length: one copy
+            meta = stage[:, :self._META].t().contiguous()
+            return self.fused(meta[0], meta[1], meta[2], tables, meta[3])
         ids, pos, slots = stage[:, :3].t().long().contiguous()
-        lens, tables = stage[:, 3].contiguous(), stage[:, self._META:]  # tables: rows strided
-        if self.fused is not None and b <= fused_max:
-            return self.fused(ids, pos, slots, tables, lens)
+        lens = stage[:, 3].contiguous()
         meta = AttentionMetadata(slot_mapping=slots, num_decode=b, block_tables=tables, context_lens=lens,
                                  prefills=[], max_context=self.max_blocks * self.block_size)
         return self.decode_forward(ids[None], caches=self._layers(meta), positions=pos[None]).logits[0]
