@@ -220,7 +220,7 @@ class SpeculativeDecoder:
     def _sampled(self, target: ModelRunner, reqs: list[Request]) -> list[list[int]]:
         """Any sampling parameters: proposals drawn on the device (exponential races, each request
         with its own generator), accepted or rejected there (accept_batched), read once."""
-        k, B = self.k, len(reqs)
+        k = self.k
         gens = [r.extra.get("generator") or self.shared for r in reqs]
         params = [r.params for r in reqs]
         dev = target.device
@@ -233,10 +233,19 @@ class SpeculativeDecoder:
             proposals.append(tok)
             if j < k - 1:
                 logits = self.runner.decode_rows([(r, r.num_tokens + j, None) for r in reqs], tokens=tok)
-        props = torch.stack(proposals, 1)  # [B, k]
-        p = distributions(self._verify(target, reqs, props), [prm for prm in params for _ in range(k + 1)]).view(B, k + 1, -1)
+        return self._sampled_accept(target, reqs, torch.stack(proposals, 1), torch.stack(qs, 1))
+
+    def _sampled_accept(self, target: ModelRunner, reqs: list[Request], props: torch.Tensor,
+                        q: torch.Tensor) -> list[list[int]]:
+        """The target verifies proposals props [B, k] drawn from q [B, k, V]; accepted or rejected
+        on the device (accept_batched), read once."""
+        B, k = props.shape
+        gens = [r.extra.get("generator") or self.shared for r in reqs]
+        dev = props.device
+        p = distributions(self._verify(target, reqs, props), [r.params for r in reqs for _ in range(k + 1)])
+        p = p.view(B, k + 1, -1)
         u = torch.stack([torch.rand(k, generator=g, device=dev) for g in gens])
-        out, n = accept_batched(props, torch.stack(qs, 1), p, u, exponentials(p.shape[2:], gens, dev))
+        out, n = accept_batched(props, q, p, u, exponentials(p.shape[2:], gens, dev))
         host = torch.cat([out, n[:, None]], 1).tolist()
         return [row[:row[-1]] for row in host]
 
@@ -245,7 +254,7 @@ class SpeculativeDecoder:
         (each draft step feeds the last one's tokens back without reading them); the target's
         argmax decides, and the host reads once per step. Emitted: the target's tokens up to and
         including its first disagreement with the draft (all k + 1 when none)."""
-        k, B = self.k, len(reqs)
+        k = self.k
         if self._step_graph_fits(target, reqs):
             return self._greedy_graph(target, reqs)
         tok = self._catch_up(reqs).argmax(-1)  # [B]
@@ -254,7 +263,12 @@ class SpeculativeDecoder:
             rows = [(r, r.num_tokens + j - 1, None) for r in reqs]
             tok = self.runner.decode_rows(rows, tokens=tok).argmax(-1)
             proposals.append(tok)
-        props = torch.stack(proposals, 1)  # [B, k]
+        return self._greedy_accept(target, reqs, torch.stack(proposals, 1))
+
+    def _greedy_accept(self, target: ModelRunner, reqs: list[Request], props: torch.Tensor) -> list[list[int]]:
+        """The target verifies proposals props [B, k]: its argmax tokens up to and including the
+        first disagreement (all k + 1 when none), read once."""
+        B, k = props.shape
         best = self._verify(target, reqs, props).view(B, k + 1, -1).argmax(-1)  # [B, k + 1]
         agree = (best[:, :k] == props).int().cumprod(1).sum(1)  # accepted proposals per request
         host = torch.cat([best, agree[:, None]], 1).tolist()
