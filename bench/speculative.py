@@ -9,6 +9,7 @@ acceptance, and whether greedy outputs are identical.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,8 @@ def graph_ms(runner, rows: int) -> float | None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", required=True)
-    ap.add_argument("--draft", required=True)
+    ap.add_argument("--draft", required=True, help="a draft run, or 'ngram' for prompt lookup (no draft model)")
+    ap.add_argument("--prompt-lookup-max", type=int, default=3, help="with --draft ngram: the longest n-gram matched")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8,32")
@@ -93,9 +95,11 @@ def main():
     args = ap.parse_args()
 
     target, tok = load_for_inference(args.target, args.device)
-    draft = load_draft(args.draft, tok, args.device)
+    lookup = args.draft == "ngram"
+    draft = None if lookup else load_draft(args.draft, tok, args.device)
     if next(target.parameters()).is_cuda:
-        target, draft = target.to(torch.bfloat16), draft.to(torch.bfloat16)
+        target = target.to(torch.bfloat16)
+        draft = draft.to(torch.bfloat16) if draft is not None else None
     params = SamplingParams(max_tokens=args.new_tokens, temperature=args.temperature, seed=0 if args.temperature else None,
                             ignore_eos=True)
     rows = []
@@ -105,11 +109,12 @@ def main():
         cfg = EngineConfig(kv_budget=args.kv_budget, max_num_seqs=b, num_speculative_tokens=args.k,
                            speculative_max_batch=max(b, 1))
         base_tps, base_dec, base_out = timed(Engine(target, tok, cfg), rounds, params, args.k)
-        spec_engine = Engine(target, tok, cfg, draft=draft)
+        spec_cfg = dataclasses.replace(cfg, prompt_lookup_max=args.prompt_lookup_max) if lookup else cfg
+        spec_engine = Engine(target, tok, spec_cfg, draft=draft)
         spec_tps, spec_dec, spec_out = timed(spec_engine, rounds, params, args.k)
         st = spec_engine.spec.stats
         # replays with the inputs of the last step (the step graph: draft steps + verification)
-        graphs = {"target_step_ms": graph_ms(spec_engine.runner, b), "draft_step_ms": graph_ms(spec_engine.spec.runner, b),
+        graphs = {"target_step_ms": graph_ms(spec_engine.runner, b), "draft_step_ms": graph_ms(spec_engine.spec.runner, b) if not lookup else None,
                   "speculative_step_graph_ms": (replay_ms(spec_engine.spec.step_graphs[b][0]) if torch.cuda.is_available()
                                                 and b in spec_engine.spec.step_graphs else None)}
         rows.append({**graphs, "batch": b, "decode_tok_s": base_dec, "decode_tok_s_speculative": spec_dec,

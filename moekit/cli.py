@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-budget", default="64MiB", help="KV cache size: bytes (e.g. 2GiB) or a fraction of free GPU memory")
     gen.add_argument("--speculative-model", default=None, metavar="RUN", help="a smaller model with the same tokenizer")
     gen.add_argument("--num-speculative-tokens", type=int, default=4)
+    gen.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
+                     help="speculate without a draft: propose what followed the last N (down to 1) tokens earlier")
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert", help="moekit run <-> Hugging Face directory")
@@ -299,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--speculative-model", default=None, metavar="RUN", help="draft model for speculative decoding")
     srv.add_argument("--num-speculative-tokens", type=int, default=4)
     srv.add_argument("--speculative-max-batch", type=int, default=8, help="no speculation above this many requests")
+    srv.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
+                     help="speculate without a draft: propose what followed the last N (down to 1) tokens earlier")
     srv.set_defaults(func=cmd_serve)
     return p
 

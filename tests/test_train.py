@@ -229,6 +229,15 @@ def test_generate_cli_on_trained_checkpoint(trained_run, capsys):
     assert rc2 == 0 and out2 == out  # same seed, same checkpoint -> same text
     rc, _, err = cli(capsys, "generate", "--ckpt", str(run), "--top-p", "0")
     assert_one_line_error(rc, err, "generate")
+    # greedy with prompt lookup (speculation from the text's own n-grams): the same text
+    greedy = ("generate", "def f(x):\n    return x\ndef g(x):\n", "--ckpt", str(run), "--max-new-tokens", "24",
+              "--device", "cpu", "--temperature", "0")
+    rc, plain, err = cli(capsys, *greedy)
+    assert rc == 0, err
+    rc, looked_up, err = cli(capsys, *greedy, "--prompt-lookup-max", "3")
+    assert rc == 0 and looked_up == plain, err
+    rc, _, err = cli(capsys, *greedy, "--prompt-lookup-max", "3", "--num-speculative-tokens", "0")
+    assert_one_line_error(rc, err, "generate")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -82,6 +82,8 @@ class EngineConfig:
     max_model_len: int = 0  # 0 -> the model's max_seq_len
     cuda_graphs: bool = True
     num_speculative_tokens: int = 4  # with a draft model
+    prompt_lookup_max: int = 0  # > 0: speculate without a draft, from the longest n-gram match up to this n
+    prompt_lookup_min: int = 1  # (moekit.infer.ngram)
     speculative_max_batch: int = 8  # above this many running requests, decode without speculation (GPU: also
     # above FUSED_MAX_VERIFY // (k + 1), where verification would leave the fused step and greedy output could differ)
     fused_decode: bool = True  # small decode batches through the fused Triton step (GPU, CUDA graphs)
@@ -95,6 +97,11 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len < 0:
             raise ConfigError(f"max_model_len must be >= 0, got {self.max_model_len}")
+        if self.prompt_lookup_max and not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ConfigError(f"prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if self.prompt_lookup_max and self.num_speculative_tokens < 1:
+            raise ConfigError("num_speculative_tokens must be >= 1")
         return self
 
 
@@ -115,11 +122,19 @@ class Engine:
         self.spec_max_batch = cfg.speculative_max_batch
         if cfg.fused_decode and cfg.cuda_graphs and self.device.type == "cuda":
             self.spec_max_batch = min(self.spec_max_batch, FUSED_MAX_VERIFY // (cfg.num_speculative_tokens + 1))
-        spec_rows = min(cfg.max_num_seqs, self.spec_max_batch) * (cfg.num_speculative_tokens + 1) if draft else 0
+        speculating = draft is not None or cfg.prompt_lookup_max > 0
+        spec_rows = min(cfg.max_num_seqs, self.spec_max_batch) * (cfg.num_speculative_tokens + 1) if speculating else 0
         self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs,
                                   cfg.compile, cfg.fused_decode, max_rows=spec_rows)
         self.sampler = Sampler(self.device, cfg.seed)
         self.spec = None
+        if draft is not None and cfg.prompt_lookup_max:
+            raise ConfigError("speculate with a draft model or with prompt lookup, not both")
+        if cfg.prompt_lookup_max:
+            from moekit.infer.ngram import PromptLookupDecoder
+
+            self.spec = PromptLookupDecoder(self.kv, self.max_model_len, cfg.num_speculative_tokens,
+                                            self.sampler.shared, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
         if draft is not None:
             from moekit.infer.speculative import SpeculativeDecoder
 
@@ -186,7 +201,8 @@ class Engine:
         speculative steps') up front."""
         self.runner.capture_all()
         if self.spec is not None:
-            self.spec.runner.capture_all()
+            if self.spec.runner is not None:
+                self.spec.runner.capture_all()
             self.spec.warmup(self.runner, min(self.config.max_num_seqs, self.spec_max_batch))
 
     def has_unfinished(self) -> bool:

@@ -34,7 +34,8 @@ def serve_main(args) -> int:
     engine_cfg = EngineConfig(kv_budget=args.kv_budget, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_batched_tokens,
                               num_speculative_tokens=args.num_speculative_tokens,
-                              speculative_max_batch=args.speculative_max_batch)
+                              speculative_max_batch=args.speculative_max_batch,
+                              prompt_lookup_max=args.prompt_lookup_max)
     server_cfg = ServerConfig(model_name=args.model_name, api_key=args.api_key, max_pending=args.max_pending,
                               request_timeout=args.request_timeout)
     app = build_app(args.ckpt, args.device, engine_cfg, server_cfg, args.speculative_model)

@@ -1,0 +1,83 @@
+"""Prompt lookup decoding: speculation without a draft model.
+
+The proposals for a request are the tokens that followed the most recent earlier occurrence of
+its last n tokens (n from prompt_lookup_max down to prompt_lookup_min) in its own prompt and
+output: text that repeats itself (code being edited, quotes from the prompt, lists, an
+undertrained model's loops) is proposed from its own history. The target verifies the k
+proposals in one forward as with a draft model, and acceptance is the same rule with a proposal
+distribution that is all on the proposed token (q = one-hot): greedy output is the target's argmax
+tokens and sampled output follows the target's distribution exactly. Proposing costs a dictionary
+lookup per request; a step where no request finds a match decodes normally.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.infer.kv_cache import PagedKVCache
+from moekit.infer.runner import ModelRunner
+from moekit.infer.scheduler import Request
+from moekit.infer.speculative import SpecStats, SpeculativeDecoder
+
+
+def lookup(ids: list[int], index: dict[int, dict[tuple, int]], k: int, min_n: int, max_n: int) -> list[int] | None:
+    """k proposals after ids from the index (n-gram -> the position that followed its latest
+    occurrence, for occurrences ending before the last token), or None without a match. A match
+    close to the end continues periodically (the proposals extend the repeat)."""
+    L = len(ids)
+    for n in range(min(max_n, L), min_n - 1, -1):
+        j = index[n].get(tuple(ids[L - n:]))
+        if j is not None:
+            ext = list(ids[j:])
+            for i in range(k - len(ext)):  # past the end: the repeat of period L - j goes on
+                ext.append(ext[i])
+            return ext[:k]
+    return None
+
+
+def extend_index(ids: list[int], index: dict[int, dict[tuple, int]], start: int, min_n: int, max_n: int) -> int:
+    """Index the n-grams of ids that end before the last token, from continuation position start
+    on; returns the position to start from next time."""
+    for j in range(max(start, 1), len(ids)):
+        for n in range(min_n, min(max_n, j) + 1):
+            index[n][tuple(ids[j - n:j])] = j
+    return len(ids)
+
+
+class PromptLookupDecoder(SpeculativeDecoder):
+    """The speculative step with proposals from each request's own history (no draft model, no
+    draft cache)."""
+
+    def __init__(self, target_kv: PagedKVCache, max_model_len: int, k: int, shared_generator: torch.Generator,
+                 min_n: int = 1, max_n: int = 3):
+        self.runner = None  # no draft to run
+        self.allocator = target_kv.allocator
+        self.block_size, self.k, self.max_model_len = target_kv.block_size, k, max_model_len
+        self.shared = shared_generator
+        self.stats = SpecStats(accepted_at=[0] * k)
+        self.step_graphs: dict[int, tuple] = {}
+        self.min_n, self.max_n = min_n, max_n
+
+    def sync(self, items: list[tuple[Request, int]]) -> None:  # no draft cache to keep in step
+        pass
+
+    def warmup(self, target: ModelRunner, max_batch: int) -> None:  # no step graphs
+        pass
+
+    def propose(self, req: Request) -> list[int] | None:
+        """k proposals for the request's next tokens, or None (its history has no match)."""
+        state = req.extra.setdefault("ngram", [0, {n: {} for n in range(self.min_n, self.max_n + 1)}])
+        ids = req.all_ids
+        state[0] = extend_index(ids, state[1], state[0], self.min_n, self.max_n)
+        return lookup(ids, state[1], self.k, self.min_n, self.max_n)
+
+    def step(self, target: ModelRunner, reqs: list[Request]) -> dict[str, list[int]] | None:
+        proposals = [self.propose(r) for r in reqs]
+        if all(p is None for p in proposals) or not self._reserve(reqs):
+            return None  # a normal step instead
+        # a request without a match proposes its last token again: verified like any proposal
+        props = target.to_device([p or [r.all_ids[-1]] * self.k for p, r in zip(proposals, reqs)])
+        if all(r.params.temperature == 0 for r in reqs):
+            return self._commit(reqs, self._greedy_accept(target, reqs, props))
+        q = torch.nn.functional.one_hot(props, target.model.cfg.vocab_size).float()  # [B, k, V]
+        return self._commit(reqs, self._sampled_accept(target, reqs, props, q))
