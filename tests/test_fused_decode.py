@@ -227,3 +227,24 @@ def test_fused_qkv_follows_replaced_weights():
     out = fused(torch.tensor([5]), torch.tensor([3]), torch.tensor([1 * 4 + 3]), tables,
                 torch.tensor([4], dtype=torch.int32))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_lookup_verification_graphs_on_the_fused_step():
+    """The GPU path of speculative verification, run here with eager stand-ins for CUDA graphs and
+    the kernels in the interpreter: 3 requests x (5 + 1) rows replay an exact-size verification
+    graph of the fused step, and greedy output equals plain decoding."""
+    from moekit.infer.engine import Engine, EngineConfig
+    from moekit.infer.sampling import SamplingParams
+
+    model = _model()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 80, (3,), generator=g).tolist() * 3 for _ in range(3)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    ref = Engine(model, None, EngineConfig(kv_budget="1MiB", block_size=BS)).generate(prompts, params)
+    eng = Engine(model, None, EngineConfig(kv_budget="1MiB", block_size=BS, num_speculative_tokens=5,
+                                           prompt_lookup_max=2, max_num_seqs=3))
+    eng.runner.graph_sizes = [1, 2, 4, 8, 16, 32]  # as on a GPU
+    eng.runner.fused = FusedDecoder(model, eng.kv.k, eng.kv.v)
+    out = eng.generate(prompts, params)
+    assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]
+    assert 18 in eng.runner.verify_graphs and eng.spec.stats.proposed > 0

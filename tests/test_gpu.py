@@ -58,6 +58,21 @@ def test_speculative_greedy_on_graphs_matches_target_alone():
     assert eng.spec.step_graphs and eng.spec.stats.proposed > 0
 
 
+def test_prompt_lookup_verifies_on_the_fused_step():
+    """Prompt lookup at 4 requests x (5 + 1) rows: verification replays exact-size graphs of the
+    fused step (above the decode graphs' 8 rows), and greedy output equals the target alone."""
+    target = _model()
+    prompts = [p * 3 for p in _prompts(8)]  # repeats to look up
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    ref = _run(target, prompts, params, cuda_graphs=False)
+    eng = Engine(target, None, EngineConfig(kv_budget="64MiB", block_size=16, num_speculative_tokens=5,
+                                            prompt_lookup_max=3, max_num_seqs=4))
+    eng.warmup()
+    assert sorted(eng.runner.verify_graphs) == [12, 18, 24]
+    assert [o.output_token_ids for o in eng.generate(prompts, params)] == ref
+    assert eng.spec.stats.proposed > 0
+
+
 def test_speculation_stops_where_verification_would_leave_the_fused_step():
     """8 requests x (7 + 1) rows would verify on the model path (other numbers than decoding a row
     alone): speculation runs only while at most 40 // 8 = 5 requests decode, and greedy output

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from moekit.infer.kv_cache import PagedKVCache
-from moekit.infer.runner import ModelRunner
+from moekit.infer.runner import FUSED_MAX_VERIFY, ModelRunner
 from moekit.infer.scheduler import Request
 from moekit.infer.speculative import SpecStats, SpeculativeDecoder
 
@@ -61,8 +61,12 @@ class PromptLookupDecoder(SpeculativeDecoder):
     def sync(self, items: list[tuple[Request, int]]) -> None:  # no draft cache to keep in step
         pass
 
-    def warmup(self, target: ModelRunner, max_batch: int) -> None:  # no step graphs
-        pass
+    def warmup(self, target: ModelRunner, max_batch: int) -> None:
+        """Capture the verification graphs of 1 ... max_batch requests now (k + 1 rows each)."""
+        for B in range(1, max_batch + 1):
+            n = B * (self.k + 1)
+            if target.verify_graph_fits(n) and n not in target.verify_graphs:
+                target.capture_graph(n, FUSED_MAX_VERIFY)
 
     def propose(self, req: Request) -> list[int] | None:
         """k proposals for the request's next tokens, or None (its history has no match)."""

@@ -30,6 +30,8 @@ class ModelRunner:
         self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b < 2 * max(max_num_seqs, max_rows)] if (
             cuda_graphs and self.device.type == "cuda") else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        # speculative verification above FUSED_MAX_BATCH rows: exactly n rows on the fused step
+        self.verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self._stages: list[torch.Tensor] | None = None  # pinned host buffers of the graph inputs
         self._stage_events: list = [None] * _STAGES
         self._stage_i = 0
@@ -137,13 +139,19 @@ class ModelRunner:
         return self.decode_forward(ids[None], caches=self._layers(meta), positions=pos[None]).logits[0]
 
     @torch.inference_mode()
-    def capture_graph(self, b: int) -> None:
+    def capture_graph(self, b: int, fused_max: int = FUSED_MAX_BATCH) -> None:
         """Capture the decode step for batch size b (on first use; all sizes share one memory
-        pool)."""
+        pool); with fused_max = FUSED_MAX_VERIFY a verification graph (self.verify_graphs)."""
         buf = self._graph_inputs(b)
-        g = self.capture(lambda: buf.__setitem__("logits", self._run_static(buf)), self.pool)
+        g = self.capture(lambda: buf.__setitem__("logits", self._run_static(buf, fused_max)), self.pool)
         self.pool = getattr(g, "pool", lambda: None)()
-        self.graphs[b] = (g, buf)
+        (self.graphs if fused_max == FUSED_MAX_BATCH else self.verify_graphs)[b] = (g, buf)
+
+    def verify_graph_fits(self, n: int) -> bool:
+        """Whether n verification rows replay an exact-size graph of the fused step (above the
+        decode graphs' FUSED_MAX_BATCH): the same numbers as decoding each row alone."""
+        return (bool(self.graph_sizes) and self.fused is not None and FUSED_MAX_BATCH < n <= FUSED_MAX_VERIFY
+                and n <= self.graph_sizes[-1])
 
     @torch.inference_mode()
     def capture(self, fn, pool=None):
@@ -219,14 +227,20 @@ class ModelRunner:
             h[i, 4:4 + len(blocks)] = blocks  # entries past the context length are never read
 
     @torch.inference_mode()
-    def decode_rows(self, rows: list[tuple[Request, int, int | None]], tokens: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+    def decode_rows(self, rows: list[tuple[Request, int, int | None]], tokens: torch.Tensor | None = None,
+                    verify: bool = False) -> torch.Tensor:
         """One token per row: (request, position, token id); several rows of one request at
         consecutive positions see each other causally (every row's K/V is stored before any row
         attends). tokens: [len(rows)] token ids on the device, used instead of the rows' ids (they
         are then None), so a caller can feed back tokens it has not read. Returns logits
-        [len(rows), vocab]: a replayed CUDA graph where one fits, else the packed forward."""
+        [len(rows), vocab]: a replayed CUDA graph where one fits, else the packed forward. verify:
+        speculative verification rows, kept on the fused step up to FUSED_MAX_VERIFY rows."""
         n = len(rows)
+        if verify and self.verify_graph_fits(n):
+            if n not in self.verify_graphs:
+                self.capture_graph(n, FUSED_MAX_VERIFY)
+            g, buf = self.verify_graphs[n]
+            return self._replay(g, buf, rows, tokens)
         if not self.graph_fits(n):
             if tokens is not None:
                 rows = [(r, p, t) for (r, p, _), t in zip(rows, tokens.tolist())]
@@ -241,6 +255,11 @@ class ModelRunner:
         if b not in self.graphs:
             self.capture_graph(b)
         g, buf = self.graphs[b]
+        return self._replay(g, buf, rows, tokens)
+
+    def _replay(self, g, buf: dict, rows: list, tokens: torch.Tensor | None) -> torch.Tensor:
+        """Stage rows (and tokens) into the graph's inputs, padding the rest, and replay it."""
+        n, b = len(rows), buf["stage"].shape[0]
         host = self._host_stage(b)
         h = host.numpy()
         self.stage_rows(h, rows)

@@ -182,7 +182,7 @@ class SpeculativeDecoder:
         last_tok = target.to_device([r.all_ids[-1] for r in reqs])
         tokens = torch.cat([last_tok[:, None], props], 1).view(-1)
         rows = [(r, r.num_computed + j, None) for r in reqs for j in range(k + 1)]
-        return target.decode_rows(rows, tokens=tokens)
+        return target.decode_rows(rows, tokens=tokens, verify=True)
 
     def _commit(self, reqs: list[Request], emitted: list[list[int]]) -> dict[str, list[int]]:
         """Count acceptance, advance the requests past the accepted proposals and roll back the
