@@ -72,7 +72,7 @@ def timing(name: str, engine: Engine, prompt, params) -> None:
     engine.warmup()
     if torch.cuda.is_available():
         launch_costs(name, engine.runner)
-        if engine.spec is not None:
+        if engine.spec is not None and engine.spec.runner is not None:
             launch_costs(f"{name} draft", engine.spec.runner)
     run(engine, prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     dt, n, steps = run(engine, prompt, params)
@@ -101,7 +101,8 @@ def profiles(name: str, engine: Engine, prompt, params, rows: int, cuda_trace: b
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", default="bench-1b")
-    ap.add_argument("--draft", default="bench-draft", help="a preset, or 'self' (the target drafts: all accepted)")
+    ap.add_argument("--draft", default="bench-draft", help="a preset, 'self' (the target drafts: all accepted), or "
+                    "'ngram' (prompt lookup, no draft)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rows", type=int, default=35)
@@ -111,14 +112,19 @@ def main():
     target = build_model(preset(args.target), DEVICE).to(torch.bfloat16).eval()
     if args.draft == "self":
         draft = target
+    elif args.draft == "ngram":
+        draft = None
     else:
         draft = build_model(dataclasses.replace(preset(args.draft), vocab_size=target.cfg.vocab_size), DEVICE)
         draft = draft.to(torch.bfloat16).eval()
     prompt = torch.randint(0, target.cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(1)).tolist()
+    if draft is None:  # something to look up: the prompt repeats
+        prompt = prompt[:16] * 4
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     cfg = EngineConfig(kv_budget="2GiB", max_num_seqs=1, num_speculative_tokens=args.k, speculative_max_batch=1)
+    spec_cfg = dataclasses.replace(cfg, prompt_lookup_max=3) if draft is None else cfg
     engines = {"target alone": Engine(target, None, cfg),
-               f"speculative, draft {args.draft}, k {args.k}": Engine(target, None, cfg, draft=draft)}
+               f"speculative, draft {args.draft}, k {args.k}": Engine(target, None, spec_cfg, draft=draft)}
     for name, engine in engines.items():
         timing(name, engine, prompt, params)
     for name, engine in engines.items():
