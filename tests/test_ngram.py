@@ -82,24 +82,21 @@ def test_greedy_output_is_identical_with_prompt_lookup(budget):
         assert stats["preemptions"] > 0
 
 
-def test_sampled_prompt_lookup_in_the_engine():
-    """Seeded sampled requests reproduce their outputs; greedy ones in the same batch give the
-    target's tokens; aborts midway leave no blocks."""
+def test_sampled_prompt_lookup_is_plain_sampling():
+    """Seeded sampled requests (temperature, top-k, top-p) give the tokens plain decoding samples,
+    alone or among others; greedy ones in the same batch give the target's tokens; aborts midway
+    leave no blocks."""
     target = _target()
     prompts = _prompts()[:6]
-    params = [SamplingParams(max_tokens=20, temperature=0.8, seed=i, ignore_eos=True) if i % 3 else
-              SamplingParams(max_tokens=20, temperature=0, ignore_eos=True) for i in range(6)]
+    params = [SamplingParams(max_tokens=20, temperature=0.8, top_k=8 * i, top_p=0.9, seed=i, ignore_eos=True)
+              if i % 3 else SamplingParams(max_tokens=20, temperature=0, ignore_eos=True) for i in range(6)]
+    plain = Engine(target, None, EngineConfig(kv_budget="1MiB", block_size=4)).generate(prompts, params)
     cfg = EngineConfig(kv_budget="1MiB", block_size=4, num_speculative_tokens=3, prompt_lookup_max=2)
-
-    def run():
-        eng = Engine(target, None, cfg)
-        return eng, [o.output_token_ids for o in eng.generate(prompts, params)]
-
-    eng, first = run()
-    assert run()[1] == first and eng.stats()["kv_blocks_used"] == 0
-    ref = Engine(target, None, EngineConfig(kv_budget="1MiB", block_size=4)).generate(
-        [p for i, p in enumerate(prompts) if i % 3 == 0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
-    assert [first[i] for i in range(6) if i % 3 == 0] == [o.output_token_ids for o in ref]
+    eng = Engine(target, None, cfg)
+    assert [o.output_token_ids for o in eng.generate(prompts, params)] == [o.output_token_ids for o in plain]
+    assert eng.spec.stats.accepted > 0 and eng.stats()["kv_blocks_used"] == 0
+    alone = Engine(target, None, cfg).generate(prompts[1:2], params[1:2])
+    assert alone[0].output_token_ids == plain[1].output_token_ids
     eng = Engine(target, None, cfg)
     ids = [eng.add_request(p, prm) for p, prm in zip(prompts, params)]
     for step in range(8):
@@ -129,7 +126,7 @@ def test_one_hot_proposals_keep_the_target_distribution():
     assert float((emitted > 1).double().mean()) == pytest.approx(0.15, abs=0.01)
 
 
-@pytest.mark.parametrize("bad", [dict(prompt_lookup_max=2, prompt_lookup_min=3),
+@pytest.mark.parametrize("bad", [dict(prompt_lookup_max=2, prompt_lookup_min=3), dict(prompt_lookup_max=17),
                                  dict(prompt_lookup_max=2, prompt_lookup_min=0),
                                  dict(prompt_lookup_max=2, num_speculative_tokens=0)])
 def test_prompt_lookup_settings_are_checked(bad):

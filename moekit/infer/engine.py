@@ -97,8 +97,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len < 0:
             raise ConfigError(f"max_model_len must be >= 0, got {self.max_model_len}")
-        if self.prompt_lookup_max and not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
-            raise ConfigError(f"prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+        if self.prompt_lookup_max and not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16:
+            raise ConfigError(f"prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max <= 16, got "
                               f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
         if self.prompt_lookup_max and self.num_speculative_tokens < 1:
             raise ConfigError("num_speculative_tokens must be >= 1")
@@ -122,6 +122,9 @@ class Engine:
         self.spec_max_batch = cfg.speculative_max_batch
         if cfg.fused_decode and cfg.cuda_graphs and self.device.type == "cuda":
             self.spec_max_batch = min(self.spec_max_batch, FUSED_MAX_VERIFY // (cfg.num_speculative_tokens + 1))
+            if self.spec_max_batch < 1 and (draft is not None or cfg.prompt_lookup_max):
+                raise ConfigError(f"num_speculative_tokens must be below {FUSED_MAX_VERIFY} on GPU "
+                                  f"(got {cfg.num_speculative_tokens})")
         speculating = draft is not None or cfg.prompt_lookup_max > 0
         spec_rows = min(cfg.max_num_seqs, self.spec_max_batch) * (cfg.num_speculative_tokens + 1) if speculating else 0
         self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs,

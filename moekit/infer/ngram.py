@@ -4,9 +4,10 @@ The proposals for a request are the tokens that followed the most recent earlier
 its last n tokens (n from prompt_lookup_max down to prompt_lookup_min) in its own prompt and
 output: text that repeats itself (code being edited, quotes from the prompt, lists, an
 undertrained model's loops) is proposed from its own history. The target verifies the k
-proposals in one forward as with a draft model, and acceptance is the same rule with a proposal
-distribution that is all on the proposed token (q = one-hot): greedy output is the target's argmax
-tokens and sampled output follows the target's distribution exactly. Proposing costs a dictionary
+proposals in one forward as with a draft model. A proposal is certain (q one-hot), so acceptance
+reduces to sampling each position from the target and keeping proposals while they agree: greedy
+output is the target's argmax tokens, and sampled output is what plain decoding samples (a seeded
+request's tokens do not depend on the batch). Proposing costs a dictionary
 lookup per request; a step where no request finds a match decodes normally.
 """
 
@@ -15,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from moekit.infer.kv_cache import PagedKVCache
-from moekit.infer.runner import FUSED_MAX_VERIFY, ModelRunner
+from moekit.infer.runner import ModelRunner
 from moekit.infer.scheduler import Request
-from moekit.infer.speculative import SpecStats, SpeculativeDecoder
+from moekit.infer.speculative import SpecStats, SpeculativeDecoder, distributions
 
 
 def lookup(ids: list[int], index: dict[int, dict[tuple, int]], k: int, min_n: int, max_n: int) -> list[int] | None:
@@ -28,10 +29,10 @@ def lookup(ids: list[int], index: dict[int, dict[tuple, int]], k: int, min_n: in
     for n in range(min(max_n, L), min_n - 1, -1):
         j = index[n].get(tuple(ids[L - n:]))
         if j is not None:
-            ext = list(ids[j:])
-            for i in range(k - len(ext)):  # past the end: the repeat of period L - j goes on
-                ext.append(ext[i])
-            return ext[:k]
+            ext = ids[j:j + k]
+            for i in range(len(ext), k):  # past the end: the repeat of period L - j goes on
+                ext.append(ext[i - (L - j)])
+            return ext
     return None
 
 
@@ -63,10 +64,7 @@ class PromptLookupDecoder(SpeculativeDecoder):
 
     def warmup(self, target: ModelRunner, max_batch: int) -> None:
         """Capture the verification graphs of 1 ... max_batch requests now (k + 1 rows each)."""
-        for B in range(1, max_batch + 1):
-            n = B * (self.k + 1)
-            if target.verify_graph_fits(n) and n not in target.verify_graphs:
-                target.capture_graph(n, FUSED_MAX_VERIFY)
+        self._verify_warmup(target, max_batch)
 
     def propose(self, req: Request) -> list[int] | None:
         """k proposals for the request's next tokens, or None (its history has no match)."""
@@ -79,9 +77,41 @@ class PromptLookupDecoder(SpeculativeDecoder):
         proposals = [self.propose(r) for r in reqs]
         if all(p is None for p in proposals) or not self._reserve(reqs):
             return None  # a normal step instead
-        # a request without a match proposes its last token again: verified like any proposal
-        props = target.to_device([p or [r.all_ids[-1]] * self.k for p, r in zip(proposals, reqs)])
+        # a request without a match proposes its last token again (verified like any proposal;
+        # left out of the acceptance figures)
+        props = target.to_device([p or [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1]] * self.k
+                                  for p, r in zip(proposals, reqs)])
+        counted = [p is not None for p in proposals]
         if all(r.params.temperature == 0 for r in reqs):
-            return self._commit(reqs, self._greedy_accept(target, reqs, props))
-        q = torch.nn.functional.one_hot(props, target.model.cfg.vocab_size).float()  # [B, k, V]
-        return self._commit(reqs, self._sampled_accept(target, reqs, props, q))
+            return self._commit(reqs, self._greedy_accept(target, reqs, props), counted)
+        return self._commit(reqs, self._sampled_lookup(target, reqs, props), counted)
+
+    def _sampled_lookup(self, target: ModelRunner, reqs: list[Request], props: torch.Tensor) -> list[list[int]]:
+        """A proposal that is certain (q one-hot) is accepted with probability p(x): equivalently,
+        sample each verified position from the target as plain decoding would and accept while the
+        sample equals the proposal; the first sample that differs is emitted too. Each position
+        draws its noise as the sampler does (one Exp(1) vector per token from the request's
+        generator), and a seeded request's generator then advances by exactly the tokens emitted,
+        so its output is the same as without speculation, whatever else is in the batch."""
+        B, k = props.shape
+        p = distributions(self._verify(target, reqs, props), [r.params for r in reqs for _ in range(k + 1)])
+        p = p.view(B, k + 1, -1)
+        e = torch.empty_like(p)
+        states = []
+        for i, r in enumerate(reqs):
+            g = r.extra.get("generator")
+            states.append(g.get_state() if g is not None else None)
+            for j in range(k + 1):
+                e[i, j].exponential_(generator=g or self.shared)
+        y = (p / e).argmax(-1)  # [B, k + 1]: greedy rows (one-hot p) their argmax
+        n = (y[:, :k] == props).int().cumprod(1).sum(1)  # accepted proposals
+        host = torch.cat([y, n[:, None]], 1).tolist()
+        emitted = [row[:row[-1] + 1] for row in host]
+        for r, state, em in zip(reqs, states, emitted):
+            if state is not None:  # rewind, then advance by the tokens emitted
+                g = r.extra["generator"]
+                g.set_state(state)
+                scratch = torch.empty(p.shape[-1], device=p.device)
+                for _ in em:
+                    scratch.exponential_(generator=g)
+        return emitted

@@ -53,7 +53,7 @@ def accept(proposals: list[int], q: torch.Tensor, p: torch.Tensor, gen) -> list[
     emitted = []
     for j, x in enumerate(proposals):
         u = torch.rand((), generator=gen, device=p.device).item()
-        if q[j, x] > 0 and u * q[j, x] <= p[j, x]:  # accept with probability min(1, p(x) / q(x))
+        if q[j, x] > 0 and u * q[j, x] < p[j, x]:  # accept with probability min(1, p(x) / q(x)); never p(x) = 0
             emitted.append(x)
             continue
         residual = (p[j] - q[j]).clamp(min=0)
@@ -98,7 +98,7 @@ def accept_batched(proposals: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u:
     B, k = proposals.shape
     px = p[:, :k].gather(2, proposals[..., None])[..., 0]
     qx = q.gather(2, proposals[..., None])[..., 0]
-    accepted = ((qx > 0) & (u * qx <= px)).int().cumprod(1).sum(1)  # [B]
+    accepted = ((qx > 0) & (u * qx < px)).int().cumprod(1).sum(1)  # [B]; u in [0, 1): never p(x) = 0
     rows = torch.arange(B, device=p.device)
     p_a = p[rows, accepted]  # [B, V]: the target's distribution where the run stops
     q_a = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, accepted]  # zero after a full run: p itself
@@ -184,17 +184,19 @@ class SpeculativeDecoder:
         rows = [(r, r.num_computed + j, None) for r in reqs for j in range(k + 1)]
         return target.decode_rows(rows, tokens=tokens, verify=True)
 
-    def _commit(self, reqs: list[Request], emitted: list[list[int]]) -> dict[str, list[int]]:
-        """Count acceptance, advance the requests past the accepted proposals and roll back the
-        K/V blocks of rejected positions."""
+    def _commit(self, reqs: list[Request], emitted: list[list[int]], counted: list[bool] | None = None
+                ) -> dict[str, list[int]]:
+        """Count acceptance (of the requests counted: all by default), advance the requests past
+        the accepted proposals and roll back the K/V blocks of rejected positions."""
         k, bs = self.k, self.block_size
         out = {}
-        for r, em in zip(reqs, emitted):
+        for i, (r, em) in enumerate(zip(reqs, emitted)):
             a = len(em) - 1
-            for j in range(a):
-                self.stats.accepted_at[j] += 1
-            self.stats.proposed += k
-            self.stats.accepted += a
+            if counted is None or counted[i]:
+                for j in range(a):
+                    self.stats.accepted_at[j] += 1
+                self.stats.proposed += k
+                self.stats.accepted += a
             # K/V are valid for the last token and the accepted proposals; the rest is rolled back
             old = r.num_computed
             r.num_computed += 1 + a
@@ -293,11 +295,19 @@ class SpeculativeDecoder:
                 and target.capturable((self.k + 1) * B, FUSED_MAX_VERIFY))
 
     def warmup(self, target: ModelRunner, max_batch: int) -> None:
-        """Capture the step graphs of 1 ... max_batch requests now."""
+        """Capture the step graphs of 1 ... max_batch requests now, and the target's verification
+        graphs for the steps that verify outside them."""
         if target.graph_sizes and self.runner.graph_sizes:
             for B in range(1, max_batch + 1):
                 if self._sizes_capturable(target, B):
                     self._step_graph(target, B)
+        self._verify_warmup(target, max_batch)
+
+    def _verify_warmup(self, target: ModelRunner, max_batch: int) -> None:
+        for B in range(1, max_batch + 1):
+            n = B * (self.k + 1)
+            if target.verify_graph_fits(n) and n not in target.verify_graphs:
+                target.capture_graph(n, FUSED_MAX_VERIFY)
 
     def _static_step(self, target: ModelRunner, stage: torch.Tensor, B: int) -> torch.Tensor:
         k, draft = self.k, self.runner
