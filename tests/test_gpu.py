@@ -73,6 +73,19 @@ def test_prompt_lookup_verifies_on_the_fused_step():
     assert eng.spec.stats.proposed > 0
 
 
+def test_sampled_prompt_lookup_is_plain_sampling_on_graphs():
+    """Seeded sampled requests with prompt lookup on the GPU path (verification on the fused step,
+    batch-invariant): the same tokens as plain decoding on the graphs."""
+    target = _model()
+    prompts = [p * 3 for p in _prompts(6)]
+    params = [SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True) for i in range(6)]
+    plain = _run(target, prompts, params, max_num_seqs=4)
+    eng = Engine(target, None, EngineConfig(kv_budget="64MiB", block_size=16, num_speculative_tokens=5,
+                                            prompt_lookup_max=3, max_num_seqs=4))
+    assert [o.output_token_ids for o in eng.generate(prompts, params)] == plain
+    assert eng.spec.stats.proposed > 0
+
+
 def test_speculation_stops_where_verification_would_leave_the_fused_step():
     """8 requests x (7 + 1) rows would verify on the model path (other numbers than decoding a row
     alone): speculation runs only while at most 40 // 8 = 5 requests decode, and greedy output
