@@ -100,3 +100,28 @@ def test_lookahead_stop_strings_and_text():
         [(o.text, o.finish_reason, o.output_token_ids) for o in want]
     assert all(o.finish_reason == "stop" for o in got) and eng.lookahead_steps > 0
     assert_engine_idle(eng)
+
+
+@pytest.mark.parametrize("kind", ["draft", "prompt lookup"])
+def test_lookahead_above_the_speculative_batch_size(kind):
+    """With speculation configured, batches above speculative_max_batch decode one step ahead (the
+    draft skips them and catches up later); smaller batches speculate; output equals plain
+    decoding."""
+    import copy
+
+    model = get_model()
+    rng = random.Random(3)
+    prompts = [p * 3 for p in random_prompts(rng, [rng.randint(1, 6) for _ in range(8)])]  # repeats to look up
+    params = [SamplingParams(max_tokens=rng.randint(4, 24), temperature=0) for _ in prompts]
+    ref = _engine(model, lookahead=False).generate(prompts, params)
+    kw = dict(num_speculative_tokens=3, speculative_max_batch=2)
+    if kind == "prompt lookup":
+        eng = _engine(model, prompt_lookup_max=2, **kw)
+    else:
+        eng = Engine(model, None, EngineConfig(block_size=BS, kv_budget="1MiB", max_num_seqs=6, **kw),
+                     draft=copy.deepcopy(model))
+        eng.runner.graph_sizes = [1, 2, 4, 8]
+    out = eng.generate(prompts, params)
+    assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]
+    assert eng.lookahead_steps > 0 and eng.spec.stats.proposed > 0
+    assert_engine_idle(eng)

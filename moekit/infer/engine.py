@@ -222,8 +222,8 @@ class Engine:
             if outs is not None:
                 return outs
         logits, to_sample = self.runner.execute(batch)
-        if self.spec is not None:
-            self.spec.sync(batch.items)
+        if self.spec is not None and len(batch.items) <= self.spec_max_batch:
+            self.spec.sync(batch.items)  # above, the draft catches up when speculation resumes
         for req, n in batch.items:
             req.num_computed += n
         if not to_sample:
@@ -244,7 +244,9 @@ class Engine:
     # blocks running short, sampling, a request at its length limit) reads first and schedules.
     def _lookahead_ok(self, batch) -> bool:
         reqs = [req for req, _ in batch.items]
-        return (self.config.lookahead and self.spec is None and not self.scheduler.waiting
+        # with speculation configured: only above its batch size, where no step speculates
+        return (self.config.lookahead and (self.spec is None or len(reqs) > self.spec_max_batch)
+                and not self.scheduler.waiting
                 and all(n == 1 for _, n in batch.items) and self.runner.graph_fits(len(reqs))
                 and all(_plain_greedy(r.params) for r in reqs))
 
@@ -266,7 +268,7 @@ class Engine:
         reqs = [ahead.reqs[i] for i in go]
         need = [self.scheduler.blocks_needed(r, 1) for r in reqs]
         if (reqs and not self.scheduler.waiting and sum(need) <= self.kv.allocator.num_free
-                and self.runner.graph_fits(len(reqs))):
+                and self.runner.graph_fits(len(reqs)) and (self.spec is None or len(reqs) > self.spec_max_batch)):
             for r, n in zip(reqs, need):
                 r.blocks += self.kv.allocator.allocate(n)
             tokens = ahead.tokens if len(go) == len(ahead.reqs) else ahead.tokens[self.runner.to_device(go)]
