@@ -39,10 +39,15 @@ def lookup(ids: list[int], index: dict[int, dict[tuple, int]], k: int, min_n: in
 def extend_index(ids: list[int], index: dict[int, dict[tuple, int]], start: int, min_n: int, max_n: int) -> int:
     """Index the n-grams of ids that end before the last token, from continuation position start
     on; returns the position to start from next time."""
-    for j in range(max(start, 1), len(ids)):
-        for n in range(min_n, min(max_n, j) + 1):
-            index[n][tuple(ids[j - n:j])] = j
-    return len(ids)
+    L = len(ids)
+    for n in range(min_n, max_n + 1):
+        j0 = max(start, n)  # continuation positions j0 ... L - 1, n-gram ids[j - n:j]
+        if j0 < L:  # columns of the n-grams, zipped: the later position wins
+            index[n].update(zip(zip(*(ids[j0 - n + i:L - n + i] for i in range(n))), range(j0, L)))
+    return L
+
+
+INDEX_WINDOW = 8192  # positions of a prompt indexed at its first decode step, counted from its end
 
 
 class PromptLookupDecoder(SpeculativeDecoder):
@@ -70,7 +75,9 @@ class PromptLookupDecoder(SpeculativeDecoder):
         """k proposals for the request's next tokens, or None (its history has no match)."""
         state = req.extra.setdefault("ngram", [0, {n: {} for n in range(self.min_n, self.max_n + 1)}])
         ids = req.all_ids
-        state[0] = extend_index(ids, state[1], state[0], self.min_n, self.max_n)
+        # a long prompt is indexed over its last INDEX_WINDOW tokens (bounds the first step's work)
+        start = max(state[0], len(ids) - INDEX_WINDOW)
+        state[0] = extend_index(ids, state[1], start, self.min_n, self.max_n)
         return lookup(ids, state[1], self.k, self.min_n, self.max_n)
 
     def step(self, target: ModelRunner, reqs: list[Request]) -> dict[str, list[int]] | None:
