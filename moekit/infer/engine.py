@@ -100,8 +100,6 @@ class EngineConfig:
         if self.prompt_lookup_max and not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16:
             raise ConfigError(f"prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max <= 16, got "
                               f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
-        if self.prompt_lookup_max and self.num_speculative_tokens < 1:
-            raise ConfigError("num_speculative_tokens must be >= 1")
         return self
 
 
@@ -117,22 +115,24 @@ class Engine:
         self.kv = PagedKVCache(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
         self.kv_bytes_per_token = kv_bytes_per_token(model.cfg, dtype)
         self.scheduler = Scheduler(self.kv.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        speculating = draft is not None or cfg.prompt_lookup_max > 0
+        if draft is not None and cfg.prompt_lookup_max:
+            raise ConfigError("speculate with a draft model or with prompt lookup, not both")
+        if speculating and cfg.num_speculative_tokens < 1:
+            raise ConfigError("num_speculative_tokens must be >= 1")
         # greedy speculation is lossless while verification runs on the fused step (the same
         # numbers as decoding a row alone): on that path it stops at FUSED_MAX_VERIFY rows
         self.spec_max_batch = cfg.speculative_max_batch
         if cfg.fused_decode and cfg.cuda_graphs and self.device.type == "cuda":
             self.spec_max_batch = min(self.spec_max_batch, FUSED_MAX_VERIFY // (cfg.num_speculative_tokens + 1))
-            if self.spec_max_batch < 1 and (draft is not None or cfg.prompt_lookup_max):
+            if self.spec_max_batch < 1 and speculating:
                 raise ConfigError(f"num_speculative_tokens must be below {FUSED_MAX_VERIFY} on GPU "
                                   f"(got {cfg.num_speculative_tokens})")
-        speculating = draft is not None or cfg.prompt_lookup_max > 0
         spec_rows = min(cfg.max_num_seqs, self.spec_max_batch) * (cfg.num_speculative_tokens + 1) if speculating else 0
         self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs,
                                   cfg.compile, cfg.fused_decode, max_rows=spec_rows)
         self.sampler = Sampler(self.device, cfg.seed)
         self.spec = None
-        if draft is not None and cfg.prompt_lookup_max:
-            raise ConfigError("speculate with a draft model or with prompt lookup, not both")
         if cfg.prompt_lookup_max:
             from moekit.infer.ngram import PromptLookupDecoder
 
@@ -144,8 +144,6 @@ class Engine:
             if draft.cfg.vocab_size != model.cfg.vocab_size:
                 raise ConfigError(f"the draft's vocabulary ({draft.cfg.vocab_size}) differs from the target's "
                                   f"({model.cfg.vocab_size}); they must share the tokenizer")
-            if cfg.num_speculative_tokens < 1:
-                raise ConfigError("num_speculative_tokens must be >= 1")
             self.spec = SpeculativeDecoder(draft, self.kv, self.max_model_len, cfg.max_num_seqs,
                                            cfg.num_speculative_tokens, self.sampler.shared, cfg.cuda_graphs,
                                            cfg.fused_decode)
@@ -222,8 +220,8 @@ class Engine:
             if outs is not None:
                 return outs
         logits, to_sample = self.runner.execute(batch)
-        if self.spec is not None and len(batch.items) <= self.spec_max_batch:
-            self.spec.sync(batch.items)  # above, the draft catches up when speculation resumes
+        if self._may_speculate(len(batch.items)):
+            self.spec.sync(batch.items)  # otherwise the draft catches up when speculation resumes
         for req, n in batch.items:
             req.num_computed += n
         if not to_sample:
@@ -244,9 +242,7 @@ class Engine:
     # blocks running short, sampling, a request at its length limit) reads first and schedules.
     def _lookahead_ok(self, batch) -> bool:
         reqs = [req for req, _ in batch.items]
-        # with speculation configured: only above its batch size, where no step speculates
-        return (self.config.lookahead and (self.spec is None or len(reqs) > self.spec_max_batch)
-                and not self.scheduler.waiting
+        return (self.config.lookahead and not self._may_speculate(len(reqs)) and not self.scheduler.waiting
                 and all(n == 1 for _, n in batch.items) and self.runner.graph_fits(len(reqs))
                 and all(_plain_greedy(r.params) for r in reqs))
 
@@ -268,7 +264,7 @@ class Engine:
         reqs = [ahead.reqs[i] for i in go]
         need = [self.scheduler.blocks_needed(r, 1) for r in reqs]
         if (reqs and not self.scheduler.waiting and sum(need) <= self.kv.allocator.num_free
-                and self.runner.graph_fits(len(reqs)) and (self.spec is None or len(reqs) > self.spec_max_batch)):
+                and self.runner.graph_fits(len(reqs)) and not self._may_speculate(len(reqs))):
             for r, n in zip(reqs, need):
                 r.blocks += self.kv.allocator.allocate(n)
             tokens = ahead.tokens if len(go) == len(ahead.reqs) else ahead.tokens[self.runner.to_device(go)]
@@ -282,12 +278,17 @@ class Engine:
         return [self._append(r, tok, None) for r, tok in zip(ahead.reqs, ahead.host.tolist())
                 if r.status is Status.RUNNING]  # aborted meanwhile: dropped
 
+    def _may_speculate(self, n: int) -> bool:
+        """Whether a batch of n requests can speculate (with speculation configured, no larger
+        batch does: those decode one step ahead and skip the draft)."""
+        return self.spec is not None and n <= self.spec_max_batch
+
     def _speculate(self, batch) -> bool:
         from moekit.infer.speculative import eligible
 
         # decoding only: a one-token chunk of a prefill that has more to go is not a decode step
         return (all(n == 1 and req.num_computed == req.num_tokens - 1 for req, n in batch.items)
-                and len(batch.items) <= self.spec_max_batch and all(eligible(req) for req, _ in batch.items))
+                and self._may_speculate(len(batch.items)) and all(eligible(req) for req, _ in batch.items))
 
     def _speculative_step(self, reqs: list[Request]) -> list[RequestOutput] | None:
         emitted = self.spec.step(self.runner, reqs)

@@ -181,22 +181,18 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     assert 1 <= split_k <= 8, "split_k: 1 ... 8 (the partial sums are sized for 8)"
     if out is None:
         out = torch.empty(B, N, device=x.device, dtype=w.dtype)
-    bm_min = 16  # every tuned config has BM = 16 (_linear_configs): part rows are padded to it
-    mp = triton.cdiv(B, bm_min) * bm_min
-    splits = 8 if N <= _SPLIT_MAX_N else 1
+    off_gpu = _INTERPRET or not x.is_cuda  # fixed tiles; on GPU the autotuner picks
+    bm = 1 if off_gpu and not use_dot else 16  # every tuned config has BM = 16 (_linear_configs)
+    splits = (split_k if off_gpu else 8) if N <= _SPLIT_MAX_N else 1  # the most a tile is split into
+    mp = triton.cdiv(B, bm) * bm  # part rows: padded to whole row blocks
     part = torch.empty(splits * mp * (N + 1) if splits > 1 else 1, device=x.device, dtype=torch.float32)
-    sem = tile_counters(x.device, B * triton.cdiv(N, 16))  # enough for BM = 1 tiles too
+    sem = tile_counters(x.device, triton.cdiv(B, bm) * triton.cdiv(N, 16))
     args = (x, g if g is not None else x, w, out, part, sem, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0))
     kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, LINE=128 // w.element_size(),
               PREFETCH_K=PREFETCH_K, **pdl_kw(x))
-    if _INTERPRET or not x.is_cuda:  # fixed tiles; on GPU the autotuner picks
-        bm = 16 if use_dot else 1
-        split_k = split_k if N <= _SPLIT_MAX_N else 1
-        if bm == 1:  # part is laid out for row blocks of 16
-            part = torch.empty(split_k * B * (N + 1), device=x.device, dtype=torch.float32)
-            args = (x, args[1], w, out, part, *args[5:])
-        _norm_linear[(triton.cdiv(B, bm), triton.cdiv(N, 32), split_k)](*args, **kw, BM=bm, BN=32, BK=32,
-                                                                        USE_DOT=use_dot, SPLIT_K=split_k)
+    if off_gpu:
+        _norm_linear[(triton.cdiv(B, bm), triton.cdiv(N, 32), splits)](*args, **kw, BM=bm, BN=32, BK=32,
+                                                                       USE_DOT=use_dot, SPLIT_K=splits)
     else:
         kern = _norm_linear_accum if accumulate else _norm_linear_store
         kern[lambda m: (triton.cdiv(B, m["BM"]), triton.cdiv(N, m["BN"]), m["SPLIT_K"])](*args, **kw)

@@ -18,7 +18,7 @@ import torch
 from moekit.infer.kv_cache import PagedKVCache
 from moekit.infer.runner import ModelRunner
 from moekit.infer.scheduler import Request
-from moekit.infer.speculative import SpecStats, SpeculativeDecoder, distributions
+from moekit.infer.speculative import SpeculativeDecoder, distributions
 
 
 def lookup(ids: list[int], index: dict[int, dict[tuple, int]], k: int, min_n: int, max_n: int) -> list[int] | None:
@@ -57,11 +57,7 @@ class PromptLookupDecoder(SpeculativeDecoder):
     def __init__(self, target_kv: PagedKVCache, max_model_len: int, k: int, shared_generator: torch.Generator,
                  min_n: int = 1, max_n: int = 3):
         self.runner = None  # no draft to run
-        self.allocator = target_kv.allocator
-        self.block_size, self.k, self.max_model_len = target_kv.block_size, k, max_model_len
-        self.shared = shared_generator
-        self.stats = SpecStats(accepted_at=[0] * k)
-        self.step_graphs: dict[int, tuple] = {}
+        self._setup(target_kv, max_model_len, k, shared_generator)
         self.min_n, self.max_n = min_n, max_n
 
     def sync(self, items: list[tuple[Request, int]]) -> None:  # no draft cache to keep in step

@@ -123,6 +123,10 @@ class SpeculativeDecoder:
         # the draft's steps are one token per row: CUDA graphs (and the fused step) on GPU
         self.runner = ModelRunner(draft.eval(), self.kv, max_model_len, max_num_seqs, cuda_graphs=cuda_graphs,
                                   fused=fused, max_rows=2 * max_num_seqs)
+        self._setup(target_kv, max_model_len, k, shared_generator)
+
+    def _setup(self, target_kv: PagedKVCache, max_model_len: int, k: int, shared_generator: torch.Generator) -> None:
+        """What any proposer shares: the target's allocator, k, the statistics, the step graphs."""
         self.allocator = target_kv.allocator
         self.block_size, self.k, self.max_model_len = target_kv.block_size, k, max_model_len
         self.shared = shared_generator
