@@ -147,15 +147,26 @@ def kernel_table(model, bw_tbps: float) -> dict:
     return out
 
 
+def tuned_configs() -> dict:
+    """The tile each autotuned decode kernel chose, by kernel and weight shape."""
+    from moekit.infer import fused_decode as fd
+
+    out = {}
+    for name in ("_norm_linear_store", "_norm_linear_accum", "_expert_up_tuned", "_expert_down_tuned"):
+        for key, cfg in getattr(fd, name).cache.items():
+            out[f"{name.strip('_')}{tuple(key[:2])}"] = str(cfg)
+    return out
+
+
 def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, fused: bool, compile: bool = False,
-                  pdl: bool = True, prefetch: bool = True):
+                  pdl: bool = True, prefetch: bool = False):
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
     graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch;
-    prefetch=False keeps the early-launched projections from prefetching their weights."""
+    prefetch=True has the early-launched projections prefetch the start of their weights into L2."""
     from moekit.infer import fused_decode, triton_sync
 
     was = triton_sync.ENABLED, fused_decode.PREFETCH_K
-    triton_sync.ENABLED, fused_decode.PREFETCH_K = pdl, (was[1] if prefetch else 0)
+    triton_sync.ENABLED, fused_decode.PREFETCH_K = pdl, (1024 if prefetch else 0)
     try:
         return _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile)
     finally:
@@ -213,7 +224,7 @@ def main():
     roofline = bw * 1e12 / (weight_bytes + kv_bytes)
 
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    runs = {"moekit-fused": dict(fused=True), "moekit-fused-no-prefetch": dict(fused=True, prefetch=False),
+    runs = {"moekit-fused": dict(fused=True), "moekit-fused-prefetch": dict(fused=True, prefetch=True),
             "moekit-fused-no-pdl": dict(fused=True, pdl=False), "moekit-unfused": dict(fused=False)}
     if args.compile:
         runs["moekit-unfused-compiled"] = dict(fused=False, compile=True)
@@ -236,6 +247,9 @@ def main():
         print("kernels at batch 1, one at a time (20 back to back in a graph):")
         try:
             kernels = kernel_table(model, bw)
+            kernels["tuned"] = tuned_configs()
+            for k, v in kernels["tuned"].items():
+                print(f"  {k}: {v}")
         except Exception as e:  # a diagnostic: never lose the run's results to it
             kernels = f"{type(e).__name__}: {e}"[:300]
             print(kernels)

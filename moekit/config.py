@@ -140,11 +140,15 @@ class TrainConfig:
     distill_alpha: float = 1.0  # weight of the distillation KL; 1 - alpha stays on the data's tokens
     distill_temperature: float = 1.0
     distill_loss: str = "kl"  # "kl" (forward KL) or "tvd" (total variation: 1 - the sampled acceptance rate)
-    # share of micro-batches whose sequences the teacher writes itself: the first quarter of a corpus
-    # sequence, continued greedily by the teacher (on-policy distillation: the text the draft will be
+    # share of micro-batches whose sequences the teacher writes itself: a corpus prefix continued
+    # greedily by the teacher (on-policy distillation: the text the draft will be
     # asked to predict when it drafts for greedy decoding)
     distill_on_policy: float = 0.0
     distill_on_policy_temperature: float = 0.0  # the teacher samples at this temperature (0: greedy)
+    # tokens the teacher writes per on-policy row, after a corpus prefix of seq_len + 1 - this many
+    # (0: three quarters of the row). Each written token is a decode step of the teacher: a few
+    # hundred cost a fraction of a whole row's
+    distill_on_policy_tokens: int = 0
     init_from: str = ""  # start from these weights (moekit run or Hugging Face dir); its model config wins
     sample_prompt: str = "def "
     sample_tokens: int = 120
@@ -163,6 +167,8 @@ class TrainConfig:
             raise ConfigError("need 0 <= distill_alpha <= 1 and distill_temperature > 0")
         if not 0 <= self.distill_on_policy <= 1 or (self.distill_on_policy and not self.distill_from):
             raise ConfigError("distill_on_policy is a share in [0, 1] and needs distill_from")
+        if not 0 <= self.distill_on_policy_tokens <= self.seq_len:
+            raise ConfigError(f"distill_on_policy_tokens must be in [0, seq_len={self.seq_len}]")
         if self.distill_on_policy_temperature < 0:
             raise ConfigError("distill_on_policy_temperature must be >= 0")
         if self.distill_on_policy and self.pp > 1:
@@ -251,7 +257,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                   warmup_steps=20, eval_every=100, ckpt_every=200),
     "small": dict(out_dir="runs/small", steps=2000, seq_len=512, micro_batch=16, lr=1e-3),
     "bench-draft": dict(out_dir="runs/bench-draft", steps=1000, seq_len=2048, micro_batch=8, lr=2e-3, min_lr=2e-4,
-                        warmup_steps=50),
+                        warmup_steps=50, distill_on_policy_tokens=256),
     "bench-1b": dict(out_dir="runs/bench-1b", steps=2000, seq_len=2048, micro_batch=8, lr=6e-4,
                      min_lr=6e-5, warmup_steps=100, compile=True),
 }

@@ -190,6 +190,7 @@ def test_draft_must_share_the_vocabulary():
 
 @pytest.mark.parametrize("bad", [dict(distill_loss="js"), dict(distill_on_policy=0.5),
                                  dict(distill_from="runs/t", distill_on_policy=1.5),
+                                 dict(distill_from="runs/t", distill_on_policy=0.5, distill_on_policy_tokens=10**6),
                                  dict(distill_from="runs/t", distill_on_policy=0.5, pp=2, micro_batch=2)])
 def test_distillation_settings_are_checked(bad):
     from moekit.config import TrainConfig
@@ -215,12 +216,12 @@ def test_distill_loss_closed_form():
     assert distill_loss(s, t, kind="tvd").item() == pytest.approx(1 - torch.minimum(p[0], q).sum().item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("on_policy", [0.0, 0.5])
-def test_distilled_draft_learns_the_target(tmp_path, monkeypatch, on_policy):
+@pytest.mark.parametrize("on_policy,written_tokens", [(0.0, 0), (0.5, 0), (0.5, 9)])
+def test_distilled_draft_learns_the_target(tmp_path, monkeypatch, on_policy, written_tokens):
     """A short distillation run on the bundled corpus: the KL to the target falls, and the draft
     then serves as the speculative model of that target with identical greedy output. On policy,
     half the micro-batches are the target's own greedy continuations of a corpus prefix (checked
-    against a full-recompute greedy loop)."""
+    against a full-recompute greedy loop), or the last written_tokens of each row."""
     import json
 
     from moekit.train.trainer import Trainer
@@ -250,7 +251,7 @@ def test_distilled_draft_learns_the_target(tmp_path, monkeypatch, on_policy):
     draft_cfg = RunConfig(model=ModelConfig(vocab_size=512, d_model=16, n_layers=1, n_heads=2, ffn_dim=32,
                                             n_experts=2, top_k=1, max_seq_len=64),
                           train=TrainConfig(out_dir=str(tmp_path / "draft"), steps=20, distill_on_policy=on_policy,
-                                            distill_from=str(tmp_path / "target"), **common), data=data)
+                                            distill_on_policy_tokens=written_tokens, distill_from=str(tmp_path / "target"), **common), data=data)
     train_main(draft_cfg, progress=False)
     assert len(written) == int(20 * on_policy)
     if written:
@@ -260,8 +261,9 @@ def test_distilled_draft_learns_the_target(tmp_path, monkeypatch, on_policy):
         for x, (xs, ys) in written[:2]:
             assert xs.shape == ys.shape == x.shape and torch.equal(xs[:, 1:], ys[:, :-1])
             for row, new, target_row in zip(x, xs, ys):
-                prefix = row[:8].tolist()  # a quarter of seq_len 32, then 25 tokens of the teacher's
-                assert new.tolist() + [int(target_row[-1])] == prefix + greedy_reference(teacher, prefix, 25)
+                n = written_tokens or 25  # by default a quarter of seq_len 32, then 25 tokens of the teacher's
+                prefix = row[:33 - n].tolist()
+                assert new.tolist() + [int(target_row[-1])] == prefix + greedy_reference(teacher, prefix, n)
     recs = [json.loads(x) for x in (tmp_path / "draft" / "metrics.jsonl").read_text().splitlines()]
     kl = [r["distill_kl"] for r in recs if "distill_kl" in r]
     assert len(kl) == 20 and sum(kl[-5:]) / 5 < sum(kl[:5]) / 5

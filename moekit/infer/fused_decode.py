@@ -35,9 +35,9 @@ from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, tile_counters
 from moekit.infer.triton_paged import paged_decode_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# projections launched early prefetch this many columns of their weight rows into L2 (0: off;
-# MOEKIT_PREFETCH=0)
-PREFETCH_K = 0 if os.environ.get("MOEKIT_PREFETCH") == "0" else 1024
+# projections launched early prefetch this many columns of their weight rows into L2 (0: off, the
+# default: it measured slower on H100; MOEKIT_PREFETCH=1024 turns it on)
+PREFETCH_K = int(os.environ.get("MOEKIT_PREFETCH", "0"))
 
 
 # autotuning results are kept on disk (Triton's cache) where this Triton can
@@ -130,15 +130,15 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
         _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM)
     else:
         mp = tl.num_programs(0) * BM  # part: [SPLIT_K, mp, N] sums, then [SPLIT_K, mp] sums of squares
-        tl.store(part_ptr + (pid_k * mp + rows)[:, None] * N + n[None, :], acc, mask=nmask[None, :])
+        tl.store(part_ptr + (pid_k * mp + rows)[:, None] * N + n[None, :], acc, mask=rmask[:, None] & nmask[None, :])
         if NORM:
             tl.store(part_ptr + SPLIT_K * mp * N + pid_k * mp + rows, ss)
         if last_to_arrive(sem_ptr, pid_m * tl.num_programs(1) + pid_n, SPLIT_K):
             acc = tl.zeros([BM, BN], tl.float32)
             ss = tl.zeros([BM], tl.float32)
             for sk in tl.static_range(SPLIT_K):
-                acc += tl.load(part_ptr + (sk * mp + rows)[:, None] * N + n[None, :], mask=nmask[None, :],
-                               other=0.0, cache_modifier=".cg")
+                acc += tl.load(part_ptr + (sk * mp + rows)[:, None] * N + n[None, :],
+                               mask=rmask[:, None] & nmask[None, :], other=0.0, cache_modifier=".cg")
                 if NORM:
                     ss += tl.load(part_ptr + SPLIT_K * mp * N + sk * mp + rows, cache_modifier=".cg")
             _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM)
@@ -147,19 +147,23 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
 def _linear_configs():  # BM = 16 throughout: norm_linear pads the partial sums' rows to 16
     """Tensor-core tiles, rows padded to 16: a row's result does not depend on the other rows of
     its tile, so one tuned tile per weight shape serves every batch size with the same numbers.
-    Splits of K give a narrow weight (attention projections) enough programs to fill the GPU."""
-    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "USE_DOT": True, "SPLIT_K": sk}, num_warps=4, num_stages=4)
-            for bn in (16, 32, 64) for bk in (128, 256, 512) for sk in (1, 2, 4, 8) if bn * bk <= 16384]
+    Splits of K give a narrow weight (attention projections) enough programs to fill the GPU;
+    the largest tiles also run with 8 warps (more loads in flight per program)."""
+    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "USE_DOT": True, "SPLIT_K": sk}, num_warps=w, num_stages=4)
+            for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for sk in (1, 2, 4, 8)
+            for w in ((4, 8) if bn * bk == 16384 else (4,)) if bn * bk <= 16384]
 
 
 def _prune_splits(configs, named_args, **kwargs):
-    """Splits of K only where the weight has few column blocks (not the LM head: its partial sums
-    would be large, and its columns already fill the GPU)."""
+    """Splits of K that leave each program at least one block of K; a wide weight (the LM head,
+    whose columns fill the GPU) is split in two at most, to keep its partial sums small."""
     n, k = named_args["N"], named_args["K"]
-    return [c for c in configs if c.kwargs["SPLIT_K"] == 1 or (n <= _SPLIT_MAX_N and k // c.kwargs["SPLIT_K"] >= c.kwargs["BK"])]
+    most = _SPLIT_MOST if n <= _SPLIT_MAX_N else _SPLIT_MOST_WIDE
+    return [c for c in configs
+            if c.kwargs["SPLIT_K"] == 1 or (c.kwargs["SPLIT_K"] <= most and k // c.kwargs["SPLIT_K"] >= c.kwargs["BK"])]
 
 
-_SPLIT_MAX_N = 16384
+_SPLIT_MAX_N, _SPLIT_MOST, _SPLIT_MOST_WIDE = 16384, 8, 2
 
 
 # tuned once per weight shape, not per batch size: the numbers of a row do not depend on the
@@ -183,7 +187,8 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
         out = torch.empty(B, N, device=x.device, dtype=w.dtype)
     off_gpu = _INTERPRET or not x.is_cuda  # fixed tiles; on GPU the autotuner picks
     bm = 1 if off_gpu and not use_dot else 16  # every tuned config has BM = 16 (_linear_configs)
-    splits = (split_k if off_gpu else 8) if N <= _SPLIT_MAX_N else 1  # the most a tile is split into
+    # the most a tile is split into (sizes the partial sums)
+    splits = split_k if off_gpu else (_SPLIT_MOST if N <= _SPLIT_MAX_N else _SPLIT_MOST_WIDE)
     mp = triton.cdiv(B, bm) * bm  # part rows: padded to whole row blocks
     part = torch.empty(splits * mp * (N + 1) if splits > 1 else 1, device=x.device, dtype=torch.float32)
     sem = tile_counters(x.device, triton.cdiv(B, bm) * triton.cdiv(N, 16))

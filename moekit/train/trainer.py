@@ -272,15 +272,16 @@ class Trainer:
 
     @torch.no_grad()
     def _teacher_writes(self, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first quarter of each row of x, continued by the teacher through the inference
-        engine to seq_len + 1 tokens (greedily, or sampled at distill_on_policy_temperature with
+        """A corpus prefix of each row of x (its first quarter, or all but distill_on_policy_tokens),
+        continued by the teacher through the inference engine to seq_len + 1 tokens (greedily, or sampled at distill_on_policy_temperature with
         row i seeded seed + i, so a resumed run writes the same): (inputs, next-token targets)."""
         from moekit.infer.engine import Engine, EngineConfig
         from moekit.infer.kv_cache import kv_bytes_per_token
         from moekit.infer.sampling import SamplingParams
 
         B, T = x.shape
-        prefix = max(1, T // 4)
+        written = self.cfg.train.distill_on_policy_tokens
+        prefix = max(1, T + 1 - written if written else T // 4)
         if self._teacher_engine is None:
             writer = self.teacher
             if self.device.type == "cuda" and uses_bf16(self.device, self.cfg.train.dtype):
