@@ -149,12 +149,18 @@ class TrainConfig:
     # (0: three quarters of the row). Each written token is a decode step of the teacher: a few
     # hundred cost a fraction of a whole row's
     distill_on_policy_tokens: int = 0
+    # on-policy micro-batches the teacher writes at once, as one decode batch of pool x micro_batch
+    # rows: a decode step reads the teacher's weights once for all its rows, so the rows written per
+    # second grow almost with the pool (the written rows wait in the checkpoint; one at a time
+    # under torch.distributed)
+    distill_on_policy_pool: int = 8
     init_from: str = ""  # start from these weights (moekit run or Hugging Face dir); its model config wins
     sample_prompt: str = "def "
     sample_tokens: int = 120
 
     def validate(self) -> "TrainConfig":
-        for name in ("steps", "seq_len", "micro_batch", "eval_every", "eval_batches", "ckpt_every", "keep_last"):
+        for name in ("steps", "seq_len", "micro_batch", "eval_every", "eval_batches", "ckpt_every", "keep_last",
+                     "distill_on_policy_pool"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -257,7 +263,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                   warmup_steps=20, eval_every=100, ckpt_every=200),
     "small": dict(out_dir="runs/small", steps=2000, seq_len=512, micro_batch=16, lr=1e-3),
     "bench-draft": dict(out_dir="runs/bench-draft", steps=1000, seq_len=2048, micro_batch=8, lr=2e-3, min_lr=2e-4,
-                        warmup_steps=50, distill_on_policy_tokens=256),
+                        warmup_steps=50),
     "bench-1b": dict(out_dir="runs/bench-1b", steps=2000, seq_len=2048, micro_batch=8, lr=6e-4,
                      min_lr=6e-5, warmup_steps=100, compile=True),
 }

@@ -216,12 +216,58 @@ def test_distill_loss_closed_form():
     assert distill_loss(s, t, kind="tvd").item() == pytest.approx(1 - torch.minimum(p[0], q).sum().item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("on_policy,written_tokens", [(0.0, 0), (0.5, 0), (0.5, 9)])
-def test_distilled_draft_learns_the_target(tmp_path, monkeypatch, on_policy, written_tokens):
+def test_on_policy_pool_resumes_exactly(tmp_path, monkeypatch):
+    """The teacher writes three on-policy micro-batches at a time; a run killed after a checkpoint
+    that falls inside a pool (the written rows not yet used wait in it) and resumed matches an
+    uninterrupted run bit for bit."""
+    from test_train import SimulatedCrash, assert_same_weights, ckpt_path, comparable
+
+    from moekit.config import DataConfig, RunConfig, TrainConfig
+    from moekit.train import checkpoint as ckpt_io
+    from moekit.train import trainer as trainer_mod
+    from moekit.train.metrics import read_metrics
+    from moekit.train.trainer import train_main
+
+    data = DataConfig(max_docs=12, max_doc_chars=3000, val_docs=3, cache_dir=str(tmp_path / "cache"))
+    common = dict(seq_len=32, micro_batch=2, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_every=100, sample_tokens=0,
+                  device="cpu")
+    model = dict(vocab_size=512, n_heads=2, max_seq_len=64, n_experts=2, top_k=1)
+    train_main(RunConfig(model=ModelConfig(d_model=32, n_layers=1, ffn_dim=64, **model),
+                         train=TrainConfig(out_dir=str(tmp_path / "target"), steps=4, ckpt_every=4, **common),
+                         data=data), progress=False)
+
+    def draft(out: str) -> RunConfig:  # on-policy micro-batches at steps 1, 3, 5, 7: pools {1, 3, 5}, {7}
+        return RunConfig(model=ModelConfig(d_model=16, n_layers=1, ffn_dim=32, **model),
+                         train=TrainConfig(out_dir=str(tmp_path / out), steps=8, ckpt_every=4, distill_on_policy=0.5,
+                                           distill_on_policy_pool=3, distill_from=str(tmp_path / "target"), **common),
+                         data=data)
+
+    train_main(draft("a"), progress=False)
+    real_step = trainer_mod.Trainer.train_step
+
+    def crashing_step(self):
+        if self.step == 6:
+            raise SimulatedCrash("killed")
+        return real_step(self)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing_step)
+    with pytest.raises(SimulatedCrash):
+        train_main(draft("b"), progress=False)
+    monkeypatch.undo()
+    waiting = ckpt_io.load_state(ckpt_path(tmp_path / "b", 4))["on_policy_written"]
+    assert waiting.shape == (1, 2, 2, 32)  # step 5's micro-batch, written with steps 1 and 3
+    train_main(None, resume=str(tmp_path / "b"), progress=False)
+    assert comparable(read_metrics(tmp_path / "b")) == comparable(read_metrics(tmp_path / "a"))
+    assert_same_weights(ckpt_path(tmp_path / "a", 8), ckpt_path(tmp_path / "b", 8))
+
+
+@pytest.mark.parametrize("on_policy,written_tokens,pool", [(0.0, 0, 1), (0.5, 0, 4), (0.5, 9, 1)])
+def test_distilled_draft_learns_the_target(tmp_path, monkeypatch, on_policy, written_tokens, pool):
     """A short distillation run on the bundled corpus: the KL to the target falls, and the draft
     then serves as the speculative model of that target with identical greedy output. On policy,
     half the micro-batches are the target's own greedy continuations of a corpus prefix (checked
-    against a full-recompute greedy loop), or the last written_tokens of each row."""
+    against a full-recompute greedy loop), or the last written_tokens of each row; the teacher writes
+    pool micro-batches at a time."""
     import json
 
     from moekit.train.trainer import Trainer
@@ -251,9 +297,11 @@ def test_distilled_draft_learns_the_target(tmp_path, monkeypatch, on_policy, wri
     draft_cfg = RunConfig(model=ModelConfig(vocab_size=512, d_model=16, n_layers=1, n_heads=2, ffn_dim=32,
                                             n_experts=2, top_k=1, max_seq_len=64),
                           train=TrainConfig(out_dir=str(tmp_path / "draft"), steps=20, distill_on_policy=on_policy,
-                                            distill_on_policy_tokens=written_tokens, distill_from=str(tmp_path / "target"), **common), data=data)
+                                            distill_on_policy_tokens=written_tokens, distill_on_policy_pool=pool,
+                                            distill_from=str(tmp_path / "target"), **common), data=data)
     train_main(draft_cfg, progress=False)
-    assert len(written) == int(20 * on_policy)
+    assert len(written) == -(-int(20 * on_policy) // pool)  # pools of micro-batches
+    assert all(len(x) == 4 * pool for x, _ in written)
     if written:
         from engine_helpers import greedy_reference
 

@@ -108,6 +108,7 @@ class Trainer:
             self.teacher, _ = load_for_inference(cfg.train.distill_from, str(device))
             self.teacher.requires_grad_(False)
         self._teacher_engine = None
+        self._written: list[tuple[torch.Tensor, torch.Tensor]] = []  # on-policy micro-batches not yet used
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -118,6 +119,8 @@ class Trainer:
         """Step, data cursor and RNG; and the optimizer state of full checkpoints, keyed by
         parameter name with whole tensors, which loads at any layout."""
         st = {"step": self.step, "data": self.data.mixture.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if self._written:
+            st["on_policy_written"] = torch.stack([torch.stack(xy) for xy in self._written])  # [n, 2, B, T]
         if optimizer is not None:
             st["optimizer"] = optimizer
         if self.device.type == "cuda":
@@ -145,6 +148,7 @@ class Trainer:
                     weights, osd = stage_subset(self.model, weights, osd)
                 load_full_state(self.model, self.opt, weights, osd)
             self.data.mixture.load_state_dict(st["data"])
+            self._written = [(xy[0], xy[1]) for xy in st.get("on_policy_written", [])]
             torch.set_rng_state(st["rng_cpu"])
             if "rng_cuda" in st and self.device.type == "cuda":
                 torch.cuda.set_rng_state(st["rng_cuda"], self.device)
@@ -216,7 +220,7 @@ class Trainer:
             x, y = self.data.mixture.next_batch(tc.micro_batch * shards, tc.seq_len)  # [shards*B, T]
             x, y = x[shard * tc.micro_batch:(shard + 1) * tc.micro_batch], y[shard * tc.micro_batch:(shard + 1) * tc.micro_batch]
             if self._on_policy(accum, _micro):
-                x, y = self._teacher_writes(x, seed=(self.step * accum + _micro) * x.shape[0])
+                x, y = self._on_policy_batch(x, seed=(self.step * accum + _micro) * x.shape[0])
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast_for(self.device, tc.dtype):
                 out = self.forward(x, y)
@@ -270,6 +274,18 @@ class Trainer:
         m = self.step * accum + micro
         return f > 0 and int((m + 1) * f) > int(m * f)
 
+    def _on_policy_batch(self, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch written by the teacher. When none is waiting, the teacher writes
+        distill_on_policy_pool of them in one go: from x and the next pool - 1 micro-batches of the
+        data stream."""
+        if not self._written:
+            B, T = x.shape
+            pool = self.cfg.train.distill_on_policy_pool if self.dist is None else 1
+            rows = torch.cat([x] + [self.data.mixture.next_batch(B, T)[0] for _ in range(pool - 1)])
+            xs, ys = self._teacher_writes(rows, seed=seed)
+            self._written = list(zip(xs.split(B), ys.split(B)))
+        return self._written.pop(0)
+
     @torch.no_grad()
     def _teacher_writes(self, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """A corpus prefix of each row of x (its first quarter, or all but distill_on_policy_tokens),
@@ -290,8 +306,9 @@ class Trainer:
                 writer = copy.deepcopy(self.teacher).to(torch.bfloat16)
             dtype = next(writer.parameters()).dtype
             budget = 2 * B * (T + 64) * kv_bytes_per_token(writer.cfg, dtype)  # all rows at once
+            chunk = max(1024, min(B * prefix, 32768))  # prompt tokens per prefill step
             self._teacher_engine = Engine(writer, None, EngineConfig(kv_budget=str(budget), max_num_seqs=B,
-                                                                     max_num_batched_tokens=max(1024, B * prefix)))
+                                                                     max_num_batched_tokens=chunk))
         total = min(T + 1, self._teacher_engine.max_model_len)  # T + 1 tokens where the teacher's context allows
         temp = self.cfg.train.distill_on_policy_temperature
         params = [SamplingParams(max_tokens=total - prefix, temperature=temp, seed=seed + i if temp else None,
