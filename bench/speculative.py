@@ -82,7 +82,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", required=True)
     ap.add_argument("--draft", required=True, help="a draft run, or 'ngram' for prompt lookup (no draft model)")
-    ap.add_argument("--prompt-lookup-max", type=int, default=3, help="with --draft ngram: the longest n-gram matched")
+    ap.add_argument("--prompt-lookup-max", type=int, default=3, help="prompt lookup: the longest n-gram matched")
+    ap.add_argument("--prompt-lookup-min", type=int, default=1, help="prompt lookup: the shortest n-gram matched")
+    ap.add_argument("--with-lookup", action="store_true",
+                    help="with a draft run: prompt lookup's proposals on steps where every request finds a match")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8,32")
@@ -109,7 +112,9 @@ def main():
         cfg = EngineConfig(kv_budget=args.kv_budget, max_num_seqs=b, num_speculative_tokens=args.k,
                            speculative_max_batch=max(b, 1))
         base_tps, base_dec, base_out = timed(Engine(target, tok, cfg), rounds, params, args.k)
-        spec_cfg = dataclasses.replace(cfg, prompt_lookup_max=args.prompt_lookup_max) if lookup else cfg
+        spec_cfg = (dataclasses.replace(cfg, prompt_lookup_max=args.prompt_lookup_max,
+                                        prompt_lookup_min=args.prompt_lookup_min)
+                    if lookup or args.with_lookup else cfg)
         spec_engine = Engine(target, tok, spec_cfg, draft=draft)
         spec_tps, spec_dec, spec_out = timed(spec_engine, rounds, params, args.k)
         st = spec_engine.spec.stats
@@ -121,11 +126,13 @@ def main():
                      "decode_speedup": spec_dec / base_dec,
                      "tok_s": base_tps, "tok_s_speculative": spec_tps, "speedup": spec_tps / base_tps,
                      "identical_greedy": spec_out == base_out if args.temperature == 0 else None, "acceptance_rate": st.acceptance_rate,
-                     "mean_accepted_length": st.mean_accepted_length, "accepted_at_position": st.accepted_at})
+                     "mean_accepted_length": st.mean_accepted_length, "accepted_at_position": st.accepted_at,
+                     "speculative_steps": st.steps, "lookup_steps": st.lookup_steps})
         print(rows[-1], flush=True)
         tag = gpu_tag() if torch.cuda.is_available() else "cpu"
         path = write_result(args.name.format(gpu=tag), {"bench": "speculative", **env_info(), "target": args.target,  # after each batch
-                                                   "draft": args.draft, "k": args.k, "new_tokens": args.new_tokens,
+                                                   "draft": args.draft, "with_lookup": args.with_lookup,
+                                                   "k": args.k, "new_tokens": args.new_tokens,
                                                    "temperature": args.temperature,
                                                    "prompts_at_least": args.prompts, "results": rows})
     print("decode: output tok/s after the first token; end to end: with prefill")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Speculative decoding on one GPU: train a bench-1b target on the bundled corpus, distil the
 # bench-draft preset from it, then decode with and without speculation at batch 1, 8 and 32
-# (bench/speculative.py), then with prompt lookup instead of the draft.
+# (bench/speculative.py), then with prompt lookup next to the draft and instead of it.
 #
 #   bash bench/speculative.sh [TARGET_STEPS] [DRAFT_STEPS] [K] [ON_POLICY]
 #
@@ -33,6 +33,9 @@ stage "$RUNS/spec-draft" "$DSTEPS" 50 --preset bench-draft --distill-from "$RUNS
     --distill-on-policy "$ON_POLICY"
 python bench/speculative.py --target "$RUNS/spec-target" --draft "$RUNS/spec-draft" --k "$K" --new-tokens 128 \
     --batches 1,8,32 --kv-budget 4GiB
+# the draft with prompt lookup next to it (lookup where every request matches 2+ tokens)
+python bench/speculative.py --target "$RUNS/spec-target" --draft "$RUNS/spec-draft" --with-lookup --prompt-lookup-min 2 \
+    --k "$K" --new-tokens 128 --batches 1,8 --kv-budget 4GiB --name "speculative_{gpu}_draft_lookup"
 # the same target with prompt lookup instead of a draft model (no training)
 python bench/speculative.py --target "$RUNS/spec-target" --draft ngram --k $((K + 1)) --new-tokens 128 \
     --batches 1,8 --kv-budget 4GiB --name "speculative_{gpu}_ngram"

@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--speculative-model", default=None, metavar="RUN", help="a smaller model with the same tokenizer")
     gen.add_argument("--num-speculative-tokens", type=int, default=4)
     gen.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
-                     help="speculate without a draft: propose what followed the last N (down to 1) tokens earlier")
+                     help="speculate from history: propose what followed the last N (down to --prompt-lookup-min) "
+                          "tokens earlier; with --speculative-model, on steps where every request finds a match")
+    gen.add_argument("--prompt-lookup-min", type=int, default=1, metavar="N")
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert", help="moekit run <-> Hugging Face directory")
@@ -302,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-speculative-tokens", type=int, default=4)
     srv.add_argument("--speculative-max-batch", type=int, default=8, help="no speculation above this many requests")
     srv.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
-                     help="speculate without a draft: propose what followed the last N (down to 1) tokens earlier")
+                     help="speculate from history: propose what followed the last N (down to --prompt-lookup-min) "
+                          "tokens earlier; with --speculative-model, on steps where every request finds a match")
+    srv.add_argument("--prompt-lookup-min", type=int, default=1, metavar="N")
     srv.set_defaults(func=cmd_serve)
     return p
 

@@ -134,6 +134,44 @@ def test_prompt_lookup_settings_are_checked(bad):
         Engine(_target(), None, EngineConfig(kv_budget="1MiB", **bad))
 
 
-def test_a_draft_and_prompt_lookup_together_are_refused():
-    with pytest.raises(ConfigError, match="not both"):
-        Engine(_target(), None, EngineConfig(kv_budget="1MiB", prompt_lookup_max=2), draft=_target())
+def _hybrid_run(target, draft, prompts, params) -> tuple[list[list[int]], Engine]:
+    """Requests arriving while others decode, under a KV budget that forces preemption."""
+    eng = Engine(target, None, EngineConfig(kv_budget="40KiB", block_size=4, num_speculative_tokens=3,
+                                            prompt_lookup_max=3, max_num_seqs=3), draft=draft)
+    ids = [eng.add_request(p, prm) for p, prm in zip(prompts[:3], params[:3])]
+    out, later = {}, list(zip(prompts[3:], params[3:]))
+    while eng.has_unfinished() or later:
+        if later and len(out) % 2 == 0:
+            ids.append(eng.add_request(*later.pop(0)))
+        for o in eng.step():
+            if o.finished:
+                out[o.request_id] = o.output_token_ids
+    return [out[i] for i in ids], eng
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_draft_with_prompt_lookup(temperature):
+    """A draft model and prompt lookup together: steps where every request matches its history
+    verify the lookup's proposals, the others draft (the draft catching up on what lookup steps
+    accepted). Which one a step uses depends only on the tokens so far, and each is lossless, so
+    the output keeps the target's distribution: greedy output is the target's tokens. Sampled
+    output is reproducible with seeds. Both proposers take turns, preemption happens, and no KV
+    blocks are left behind."""
+    target = _target()
+    torch.manual_seed(5)
+    draft = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                                    n_experts=2, top_k=1, max_seq_len=128)).double()
+    prompts = _prompts()[:6] + [torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(i)).tolist()
+                                for i in range(3)]  # no repeats: the draft's turn
+    params = [SamplingParams(max_tokens=24, temperature=temperature, top_k=16, seed=i, ignore_eos=True)
+              for i in range(len(prompts))]
+    out, eng = _hybrid_run(target, draft, prompts, params)
+    if temperature == 0:
+        plain = Engine(target, None, EngineConfig(kv_budget="1MiB", block_size=4)).generate(prompts, params)
+        assert out == [o.output_token_ids for o in plain]
+    else:
+        assert out == _hybrid_run(target, draft, prompts, params)[0]
+        assert all(len(o) == 24 for o in out)
+    stats = eng.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["preemptions"] > 0
+    assert 0 < stats["spec_lookup_steps"] < eng.spec.stats.steps  # both proposers took turns

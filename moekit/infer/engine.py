@@ -82,7 +82,8 @@ class EngineConfig:
     max_model_len: int = 0  # 0 -> the model's max_seq_len
     cuda_graphs: bool = True
     num_speculative_tokens: int = 4  # with a draft model
-    prompt_lookup_max: int = 0  # > 0: speculate without a draft, from the longest n-gram match up to this n
+    prompt_lookup_max: int = 0  # > 0: speculate from the longest n-gram match up to this n (with a draft
+    # model: on steps where every request finds one, the draft on the others)
     prompt_lookup_min: int = 1  # (moekit.infer.ngram)
     speculative_max_batch: int = 8  # above this many running requests, decode without speculation (GPU: also
     # above FUSED_MAX_VERIFY // (k + 1), where verification would leave the fused step and greedy output could differ)
@@ -116,8 +117,6 @@ class Engine:
         self.kv_bytes_per_token = kv_bytes_per_token(model.cfg, dtype)
         self.scheduler = Scheduler(self.kv.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         speculating = draft is not None or cfg.prompt_lookup_max > 0
-        if draft is not None and cfg.prompt_lookup_max:
-            raise ConfigError("speculate with a draft model or with prompt lookup, not both")
         if speculating and cfg.num_speculative_tokens < 1:
             raise ConfigError("num_speculative_tokens must be >= 1")
         # greedy speculation is lossless while verification runs on the fused step (the same
@@ -133,20 +132,23 @@ class Engine:
                                   cfg.compile, cfg.fused_decode, max_rows=spec_rows)
         self.sampler = Sampler(self.device, cfg.seed)
         self.spec = None
-        if cfg.prompt_lookup_max:
+        lookup = dict(min_n=cfg.prompt_lookup_min, max_n=cfg.prompt_lookup_max)
+        if cfg.prompt_lookup_max and draft is None:
             from moekit.infer.ngram import PromptLookupDecoder
 
             self.spec = PromptLookupDecoder(self.kv, self.max_model_len, cfg.num_speculative_tokens,
-                                            self.sampler.shared, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+                                            self.sampler.shared, **lookup)
         if draft is not None:
+            from moekit.infer.ngram import DraftWithLookup
             from moekit.infer.speculative import SpeculativeDecoder
 
             if draft.cfg.vocab_size != model.cfg.vocab_size:
                 raise ConfigError(f"the draft's vocabulary ({draft.cfg.vocab_size}) differs from the target's "
                                   f"({model.cfg.vocab_size}); they must share the tokenizer")
-            self.spec = SpeculativeDecoder(draft, self.kv, self.max_model_len, cfg.max_num_seqs,
-                                           cfg.num_speculative_tokens, self.sampler.shared, cfg.cuda_graphs,
-                                           cfg.fused_decode)
+            args = (draft, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.num_speculative_tokens,
+                    self.sampler.shared, cfg.cuda_graphs, cfg.fused_decode)
+            # both: prompt lookup where every request finds a match, the draft otherwise
+            self.spec = DraftWithLookup(*args, **lookup) if cfg.prompt_lookup_max else SpeculativeDecoder(*args)
         self.requests: dict[str, Request] = {}
         self._ahead: _Ahead | None = None
         self.lookahead_steps = 0  # steps launched before the previous step's tokens were read
@@ -320,7 +322,8 @@ class Engine:
                 "kv_bytes_per_token": self.kv_bytes_per_token, "preemptions": self.scheduler.num_preemptions,
                 **({"spec_acceptance_rate": self.spec.stats.acceptance_rate,
                     "spec_mean_accepted_length": self.spec.stats.mean_accepted_length,
-                    "spec_accepted_at": list(self.spec.stats.accepted_at)} if self.spec else {})}
+                    "spec_accepted_at": list(self.spec.stats.accepted_at),
+                    "spec_lookup_steps": self.spec.stats.lookup_steps} if self.spec else {})}
 
     # -- internals ---------------------------------------------------------------------------
     def _generator(self, seed: int | None):

@@ -118,3 +118,38 @@ class PromptLookupDecoder(SpeculativeDecoder):
                 for _ in em:
                     scratch.exponential_(generator=g)
         return emitted
+
+
+class DraftWithLookup(PromptLookupDecoder):
+    """A draft model and prompt lookup together. A step where every request finds a match in its
+    own history verifies the lookup's proposals and runs no draft forward; any other step drafts.
+    The draft computes the positions a lookup step accepted when it next drafts (it catches up on
+    a lag, as after steps decoded without it)."""
+
+    def __init__(self, draft, target_kv: PagedKVCache, max_model_len: int, max_num_seqs: int, k: int,
+                 shared_generator: torch.Generator, cuda_graphs: bool = True, fused: bool = True,
+                 min_n: int = 1, max_n: int = 3):
+        SpeculativeDecoder.__init__(self, draft, target_kv, max_model_len, max_num_seqs, k, shared_generator,
+                                    cuda_graphs, fused)
+        self.min_n, self.max_n = min_n, max_n
+
+    sync = SpeculativeDecoder.sync
+    warmup = SpeculativeDecoder.warmup
+
+    def step(self, target: ModelRunner, reqs: list[Request]) -> dict[str, list[int]] | None:
+        proposals = [self.propose(r) for r in reqs]
+        if any(p is None for p in proposals):
+            return SpeculativeDecoder.step(self, target, reqs)
+        if not self._reserve(reqs):
+            return None
+        drafted = [r.extra.get("draft_computed", 0) for r in reqs]
+        props = target.to_device(proposals)
+        if all(r.params.temperature == 0 for r in reqs):
+            emitted = self._greedy_accept(target, reqs, props)
+        else:
+            emitted = self._sampled_lookup(target, reqs, props)
+        out = self._commit(reqs, emitted)
+        for r, d in zip(reqs, drafted):  # the draft computed nothing this step
+            r.extra["draft_computed"] = min(d, r.num_computed)
+        self.stats.lookup_steps += 1
+        return out

@@ -29,6 +29,7 @@ class SpecStats:
     proposed: int = 0
     accepted: int = 0
     accepted_at: list[int] = field(default_factory=list)  # [k]: proposals accepted at each position
+    lookup_steps: int = 0  # steps whose proposals came from prompt lookup next to a draft model
 
     @property
     def acceptance_rate(self) -> float:
