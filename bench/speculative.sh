@@ -34,7 +34,7 @@ stage "$RUNS/spec-draft" "$DSTEPS" 50 --preset bench-draft --distill-from "$RUNS
 python bench/speculative.py --target "$RUNS/spec-target" --draft "$RUNS/spec-draft" --k "$K" --new-tokens 128 \
     --batches 1,8,32 --kv-budget 4GiB
 # the draft with prompt lookup next to it (lookup where every request matches 2+ tokens)
-python bench/speculative.py --target "$RUNS/spec-target" --draft "$RUNS/spec-draft" --with-lookup --prompt-lookup-min 2 \
+python bench/speculative.py --target "$RUNS/spec-target" --draft "$RUNS/spec-draft" --with-lookup \
     --k "$K" --new-tokens 128 --batches 1,8 --kv-budget 4GiB --name "speculative_{gpu}_draft_lookup"
 # the same target with prompt lookup instead of a draft model (no training)
 python bench/speculative.py --target "$RUNS/spec-target" --draft ngram --k $((K + 1)) --new-tokens 128 \

@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
                      help="speculate from history: propose what followed the last N (down to --prompt-lookup-min) "
                           "tokens earlier; with --speculative-model, on steps where every request finds a match")
-    gen.add_argument("--prompt-lookup-min", type=int, default=1, metavar="N")
+    gen.add_argument("--prompt-lookup-min", type=int, default=0, metavar="N",
+                     help="the shortest n-gram matched (0: 1 alone, 2 with --speculative-model)")
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert", help="moekit run <-> Hugging Face directory")
@@ -306,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
                      help="speculate from history: propose what followed the last N (down to --prompt-lookup-min) "
                           "tokens earlier; with --speculative-model, on steps where every request finds a match")
-    srv.add_argument("--prompt-lookup-min", type=int, default=1, metavar="N")
+    srv.add_argument("--prompt-lookup-min", type=int, default=0, metavar="N",
+                     help="the shortest n-gram matched (0: 1 alone, 2 with --speculative-model)")
     srv.set_defaults(func=cmd_serve)
     return p
 

@@ -127,17 +127,18 @@ def test_one_hot_proposals_keep_the_target_distribution():
 
 
 @pytest.mark.parametrize("bad", [dict(prompt_lookup_max=2, prompt_lookup_min=3), dict(prompt_lookup_max=17),
-                                 dict(prompt_lookup_max=2, prompt_lookup_min=0),
+                                 dict(prompt_lookup_max=2, prompt_lookup_min=-1),
                                  dict(prompt_lookup_max=2, num_speculative_tokens=0)])
 def test_prompt_lookup_settings_are_checked(bad):
     with pytest.raises(ConfigError):
         Engine(_target(), None, EngineConfig(kv_budget="1MiB", **bad))
 
 
-def _hybrid_run(target, draft, prompts, params) -> tuple[list[list[int]], Engine]:
+def _hybrid_run(target, draft, prompts, params, min_n: int = 0) -> tuple[list[list[int]], Engine]:
     """Requests arriving while others decode, under a KV budget that forces preemption."""
     eng = Engine(target, None, EngineConfig(kv_budget="40KiB", block_size=4, num_speculative_tokens=3,
-                                            prompt_lookup_max=3, max_num_seqs=3), draft=draft)
+                                            prompt_lookup_max=3, prompt_lookup_min=min_n, max_num_seqs=3),
+                 draft=draft)
     ids = [eng.add_request(p, prm) for p, prm in zip(prompts[:3], params[:3])]
     out, later = {}, list(zip(prompts[3:], params[3:]))
     while eng.has_unfinished() or later:
@@ -154,9 +155,10 @@ def test_a_draft_with_prompt_lookup(temperature):
     """A draft model and prompt lookup together: steps where every request matches its history
     verify the lookup's proposals, the others draft (the draft catching up on what lookup steps
     accepted). Which one a step uses depends only on the tokens so far, and each is lossless, so
-    the output keeps the target's distribution: greedy output is the target's tokens. Sampled
-    output is reproducible with seeds. Both proposers take turns, preemption happens, and no KV
-    blocks are left behind."""
+    the output keeps the target's distribution: greedy output is the target's tokens. Seeded
+    sampled output is reproducible for the same requests. Both proposers take turns (lookup on
+    n-grams of 2 or more by default; sampled text repeats less, so down to 1 there), preemption
+    happens, and no KV blocks are left behind."""
     target = _target()
     torch.manual_seed(5)
     draft = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
@@ -165,12 +167,13 @@ def test_a_draft_with_prompt_lookup(temperature):
                                 for i in range(3)]  # no repeats: the draft's turn
     params = [SamplingParams(max_tokens=24, temperature=temperature, top_k=16, seed=i, ignore_eos=True)
               for i in range(len(prompts))]
-    out, eng = _hybrid_run(target, draft, prompts, params)
+    min_n = 0 if temperature == 0 else 1
+    out, eng = _hybrid_run(target, draft, prompts, params, min_n)
     if temperature == 0:
         plain = Engine(target, None, EngineConfig(kv_budget="1MiB", block_size=4)).generate(prompts, params)
         assert out == [o.output_token_ids for o in plain]
     else:
-        assert out == _hybrid_run(target, draft, prompts, params)[0]
+        assert out == _hybrid_run(target, draft, prompts, params, min_n)[0]
         assert all(len(o) == 24 for o in out)
     stats = eng.stats()
     assert stats["kv_blocks_used"] == 0 and stats["preemptions"] > 0

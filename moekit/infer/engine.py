@@ -84,7 +84,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # with a draft model
     prompt_lookup_max: int = 0  # > 0: speculate from the longest n-gram match up to this n (with a draft
     # model: on steps where every request finds one, the draft on the others)
-    prompt_lookup_min: int = 1  # (moekit.infer.ngram)
+    prompt_lookup_min: int = 0  # the shortest match (moekit.infer.ngram); 0: 1 alone, 2 next to a draft model
     speculative_max_batch: int = 8  # above this many running requests, decode without speculation (GPU: also
     # above FUSED_MAX_VERIFY // (k + 1), where verification would leave the fused step and greedy output could differ)
     fused_decode: bool = True  # small decode batches through the fused Triton step (GPU, CUDA graphs)
@@ -98,9 +98,9 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len < 0:
             raise ConfigError(f"max_model_len must be >= 0, got {self.max_model_len}")
-        if self.prompt_lookup_max and not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16:
-            raise ConfigError(f"prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max <= 16, got "
-                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if self.prompt_lookup_max and not 0 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16:
+            raise ConfigError(f"prompt lookup needs 0 <= prompt_lookup_min <= prompt_lookup_max <= 16 (min 0: "
+                              f"automatic), got {self.prompt_lookup_min} and {self.prompt_lookup_max}")
         return self
 
 
@@ -132,7 +132,9 @@ class Engine:
                                   cfg.compile, cfg.fused_decode, max_rows=spec_rows)
         self.sampler = Sampler(self.device, cfg.seed)
         self.spec = None
-        lookup = dict(min_n=cfg.prompt_lookup_min, max_n=cfg.prompt_lookup_max)
+        # with a draft, a one-token match is a weak reason to skip it: n-grams of 2 or more by default
+        auto_min = min(2 if draft is not None else 1, cfg.prompt_lookup_max)
+        lookup = dict(min_n=cfg.prompt_lookup_min or auto_min, max_n=cfg.prompt_lookup_max)
         if cfg.prompt_lookup_max and draft is None:
             from moekit.infer.ngram import PromptLookupDecoder
 

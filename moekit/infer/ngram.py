@@ -124,7 +124,8 @@ class DraftWithLookup(PromptLookupDecoder):
     """A draft model and prompt lookup together. A step where every request finds a match in its
     own history verifies the lookup's proposals and runs no draft forward; any other step drafts.
     The draft computes the positions a lookup step accepted when it next drafts (it catches up on
-    a lag, as after steps decoded without it)."""
+    a lag, as after steps decoded without it). Both kinds of step keep the target's distribution;
+    a seeded sampled request's tokens depend on which kind each step was, and so on the batch."""
 
     def __init__(self, draft, target_kv: PagedKVCache, max_model_len: int, max_num_seqs: int, k: int,
                  shared_generator: torch.Generator, cuda_graphs: bool = True, fused: bool = True,

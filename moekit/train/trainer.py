@@ -149,6 +149,9 @@ class Trainer:
                 load_full_state(self.model, self.opt, weights, osd)
             self.data.mixture.load_state_dict(st["data"])
             self._written = [(xy[0], xy[1]) for xy in st.get("on_policy_written", [])]
+            tc = self.cfg.train
+            if any(x.shape != (tc.micro_batch, tc.seq_len) for x, _ in self._written) or self.dist is not None:
+                self._written = []  # written for another layout: the teacher writes anew
             torch.set_rng_state(st["rng_cpu"])
             if "rng_cuda" in st and self.device.type == "cuda":
                 torch.cuda.set_rng_state(st["rng_cuda"], self.device)
@@ -296,8 +299,6 @@ class Trainer:
         from moekit.infer.sampling import SamplingParams
 
         B, T = x.shape
-        written = self.cfg.train.distill_on_policy_tokens
-        prefix = max(1, T + 1 - written if written else T // 4)
         if self._teacher_engine is None:
             writer = self.teacher
             if self.device.type == "cuda" and uses_bf16(self.device, self.cfg.train.dtype):
@@ -305,11 +306,13 @@ class Trainer:
                 # against), at half the bytes per decode step of float32 weights
                 writer = copy.deepcopy(self.teacher).to(torch.bfloat16)
             dtype = next(writer.parameters()).dtype
-            budget = 2 * B * (T + 64) * kv_bytes_per_token(writer.cfg, dtype)  # all rows at once
-            chunk = max(1024, min(B * prefix, 32768))  # prompt tokens per prefill step
+            budget = B * (T + 64) * kv_bytes_per_token(writer.cfg, dtype)  # all rows at once
+            chunk = max(1024, min(B * T, 32768))  # prompt tokens per prefill step
             self._teacher_engine = Engine(writer, None, EngineConfig(kv_budget=str(budget), max_num_seqs=B,
                                                                      max_num_batched_tokens=chunk))
         total = min(T + 1, self._teacher_engine.max_model_len)  # T + 1 tokens where the teacher's context allows
+        written = self.cfg.train.distill_on_policy_tokens
+        prefix = min(max(1, total - written if written else T // 4), total - 1)  # the teacher writes >= 1 token
         temp = self.cfg.train.distill_on_policy_temperature
         params = [SamplingParams(max_tokens=total - prefix, temperature=temp, seed=seed + i if temp else None,
                                  ignore_eos=True) for i in range(B)]
