@@ -73,7 +73,7 @@ def test_draft_with_prompt_lookup_on_graphs_matches_target_alone():
 
 def test_prompt_lookup_verifies_on_the_fused_step():
     """Prompt lookup at 4 requests x (5 + 1) rows: verification replays exact-size graphs of the
-    fused step (above the decode graphs' 8 rows), and greedy output equals the target alone."""
+    fused step (exact sizes: no padding rows), and greedy output equals the target alone."""
     target = _model()
     prompts = [p * 3 for p in _prompts(8)]  # repeats to look up
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -81,7 +81,7 @@ def test_prompt_lookup_verifies_on_the_fused_step():
     eng = Engine(target, None, EngineConfig(kv_budget="64MiB", block_size=16, num_speculative_tokens=5,
                                             prompt_lookup_max=3, max_num_seqs=4))
     eng.warmup()
-    assert sorted(eng.runner.verify_graphs) == [12, 18, 24]
+    assert sorted(eng.runner.verify_graphs) == [6, 12, 18, 24]
     assert [o.output_token_ids for o in eng.generate(prompts, params)] == ref
     assert eng.spec.stats.proposed > 0
 

@@ -30,7 +30,7 @@ class ModelRunner:
         self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b < 2 * max(max_num_seqs, max_rows)] if (
             cuda_graphs and self.device.type == "cuda") else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
-        # speculative verification above FUSED_MAX_BATCH rows: exactly n rows on the fused step
+        # speculative verification: exactly n rows on the fused step (up to FUSED_MAX_VERIFY)
         self.verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self._stages: list[torch.Tensor] | None = None  # pinned host buffers of the graph inputs
         self._stage_events: list = [None] * _STAGES
@@ -148,9 +148,10 @@ class ModelRunner:
         (self.graphs if fused_max == FUSED_MAX_BATCH else self.verify_graphs)[b] = (g, buf)
 
     def verify_graph_fits(self, n: int) -> bool:
-        """Whether n verification rows replay an exact-size graph of the fused step (above the
-        decode graphs' FUSED_MAX_BATCH): the same numbers as decoding each row alone."""
-        return (bool(self.graph_sizes) and self.fused is not None and FUSED_MAX_BATCH < n <= FUSED_MAX_VERIFY
+        """Whether n verification rows replay an exact-size graph of the fused step: the same
+        numbers as decoding each row alone, and no padding rows (a bucketed decode graph's padding
+        rows would route to experts of their own and read their weights)."""
+        return (bool(self.graph_sizes) and self.fused is not None and 1 < n <= FUSED_MAX_VERIFY
                 and n <= self.graph_sizes[-1])
 
     @torch.inference_mode()
