@@ -151,14 +151,26 @@ def _hybrid_run(target, draft, prompts, params, min_n: int = 0) -> tuple[list[li
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_a_draft_with_prompt_lookup(temperature):
+def test_a_draft_with_prompt_lookup(temperature, monkeypatch):
     """A draft model and prompt lookup together: steps where every request matches its history
     verify the lookup's proposals, the others draft (the draft catching up on what lookup steps
     accepted). Which one a step uses depends only on the tokens so far, and each is lossless, so
     the output keeps the target's distribution: greedy output is the target's tokens. Seeded
     sampled output is reproducible for the same requests. Both proposers take turns (lookup on
     n-grams of 2 or more by default; sampled text repeats less, so down to 1 there), preemption
-    happens, and no KV blocks are left behind."""
+    happens, and no KV blocks are left behind. A lookup step brings the draft up to date, so a
+    drafting step never catches up more than the two rows its step graph holds."""
+    from moekit.infer.speculative import SpeculativeDecoder
+
+    lags = []
+    real = SpeculativeDecoder._catch_up_rows
+
+    def spy(self, reqs):
+        rows, last = real(self, reqs)
+        lags.append(max(b - a for a, b in zip([-1] + last, last)))  # rows of the request lagging most
+        return rows, last
+
+    monkeypatch.setattr(SpeculativeDecoder, "_catch_up_rows", spy)
     target = _target()
     torch.manual_seed(5)
     draft = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
@@ -178,3 +190,4 @@ def test_a_draft_with_prompt_lookup(temperature):
     stats = eng.stats()
     assert stats["kv_blocks_used"] == 0 and stats["preemptions"] > 0
     assert 0 < stats["spec_lookup_steps"] < eng.spec.stats.steps  # both proposers took turns
+    assert lags and max(lags) <= 2

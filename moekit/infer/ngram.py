@@ -122,16 +122,17 @@ class PromptLookupDecoder(SpeculativeDecoder):
 
 class DraftWithLookup(PromptLookupDecoder):
     """A draft model and prompt lookup together. A step where every request finds a match in its
-    own history verifies the lookup's proposals and runs no draft forward; any other step drafts.
-    The draft computes the positions a lookup step accepted when it next drafts (it catches up on
-    a lag, as after steps decoded without it). Both kinds of step keep the target's distribution;
-    a seeded sampled request's tokens depend on which kind each step was, and so on the batch."""
+    own history verifies the lookup's proposals and runs no proposing draft steps: the draft only
+    computes the positions the step accepted, one forward of at most k + 2 rows per request (a
+    replayed graph on GPU), so the next drafting step starts in step and fits its step graph. Both
+    kinds of step keep the target's distribution; a seeded sampled request's tokens depend on
+    which kind each step was, and so on the batch."""
 
     def __init__(self, draft, target_kv: PagedKVCache, max_model_len: int, max_num_seqs: int, k: int,
                  shared_generator: torch.Generator, cuda_graphs: bool = True, fused: bool = True,
                  min_n: int = 1, max_n: int = 3):
         SpeculativeDecoder.__init__(self, draft, target_kv, max_model_len, max_num_seqs, k, shared_generator,
-                                    cuda_graphs, fused)
+                                    cuda_graphs, fused, rows_per_request=k + 2)
         self.min_n, self.max_n = min_n, max_n
 
     sync = SpeculativeDecoder.sync
@@ -143,14 +144,20 @@ class DraftWithLookup(PromptLookupDecoder):
             return SpeculativeDecoder.step(self, target, reqs)
         if not self._reserve(reqs):
             return None
-        drafted = [r.extra.get("draft_computed", 0) for r in reqs]
+        drafted = [self._draft_start(r) for r in reqs]
         props = target.to_device(proposals)
         if all(r.params.temperature == 0 for r in reqs):
             emitted = self._greedy_accept(target, reqs, props)
         else:
             emitted = self._sampled_lookup(target, reqs, props)
         out = self._commit(reqs, emitted)
-        for r, d in zip(reqs, drafted):  # the draft computed nothing this step
-            r.extra["draft_computed"] = min(d, r.num_computed)
+        # the draft computes what it lags by: its positions before this step's and the accepted
+        # proposals (emitted, not yet appended to the request)
+        rows = [(r, p, ids[p]) for r, d in zip(reqs, drafted)
+                for ids in [r.all_ids + out[r.id]] for p in range(d, r.num_computed)]
+        if rows:
+            self.runner.decode_rows(rows)
+        for r in reqs:
+            r.extra["draft_computed"] = r.num_computed
         self.stats.lookup_steps += 1
         return out

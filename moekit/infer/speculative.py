@@ -117,13 +117,15 @@ def eligible(req: Request) -> bool:
 
 class SpeculativeDecoder:
     def __init__(self, draft: Transformer, target_kv: PagedKVCache, max_model_len: int, max_num_seqs: int,
-                 k: int, shared_generator: torch.Generator, cuda_graphs: bool = True, fused: bool = True):
+                 k: int, shared_generator: torch.Generator, cuda_graphs: bool = True, fused: bool = True,
+                 rows_per_request: int = 2):
         dtype = next(draft.parameters()).dtype
         device = next(draft.parameters()).device
         self.kv = PagedKVCache(draft.cfg, target_kv.allocator.num_blocks, target_kv.block_size, device, dtype)
-        # the draft's steps are one token per row: CUDA graphs (and the fused step) on GPU
+        # the draft's steps are one token per row: CUDA graphs (and the fused step) on GPU, up to
+        # rows_per_request rows per request (its catch-up)
         self.runner = ModelRunner(draft.eval(), self.kv, max_model_len, max_num_seqs, cuda_graphs=cuda_graphs,
-                                  fused=fused, max_rows=2 * max_num_seqs)
+                                  fused=fused, max_rows=rows_per_request * max_num_seqs)
         self._setup(target_kv, max_model_len, k, shared_generator)
 
     def _setup(self, target_kv: PagedKVCache, max_model_len: int, k: int, shared_generator: torch.Generator) -> None:
