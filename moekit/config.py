@@ -154,6 +154,10 @@ class TrainConfig:
     # second grow almost with the pool (the written rows wait in the checkpoint; one at a time
     # under torch.distributed)
     distill_on_policy_pool: int = 8
+    # at each evaluation of a distillation run: the model as the teacher's speculative draft on this
+    # many held-out prompts (greedy, distill_eval_k proposals a step), acceptance logged; 0: off
+    distill_eval_prompts: int = 8
+    distill_eval_k: int = 4
     init_from: str = ""  # start from these weights (moekit run or Hugging Face dir); its model config wins
     sample_prompt: str = "def "
     sample_tokens: int = 120
@@ -173,6 +177,8 @@ class TrainConfig:
             raise ConfigError("need 0 <= distill_alpha <= 1 and distill_temperature > 0")
         if not 0 <= self.distill_on_policy <= 1 or (self.distill_on_policy and not self.distill_from):
             raise ConfigError("distill_on_policy is a share in [0, 1] and needs distill_from")
+        if self.distill_eval_prompts < 0 or self.distill_eval_k < 1:
+            raise ConfigError("need distill_eval_prompts >= 0 and distill_eval_k >= 1")
         if not 0 <= self.distill_on_policy_tokens <= self.seq_len:
             raise ConfigError(f"distill_on_policy_tokens must be in [0, seq_len={self.seq_len}]")
         if self.distill_on_policy_temperature < 0:

@@ -315,6 +315,9 @@ def test_distilled_draft_learns_the_target(tmp_path, monkeypatch, on_policy, wri
     recs = [json.loads(x) for x in (tmp_path / "draft" / "metrics.jsonl").read_text().splitlines()]
     kl = [r["distill_kl"] for r in recs if "distill_kl" in r]
     assert len(kl) == 20 and sum(kl[-5:]) / 5 < sum(kl[:5]) / 5
+    # at each evaluation (steps 0, 10, 20) the draft's greedy acceptance as the target's draft
+    acc = [r["spec/draft_acceptance"] for r in recs if "spec/draft_acceptance" in r]
+    assert len(acc) == 3 and 0 <= acc[0] < acc[-1] <= 1
     target, tok = load_for_inference(str(tmp_path / "target"), "cpu")
     draft, _ = load_for_inference(str(tmp_path / "draft"), "cpu")
     prompts = ["def ", "The ", "import "]

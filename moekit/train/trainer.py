@@ -108,6 +108,7 @@ class Trainer:
             self.teacher, _ = load_for_inference(cfg.train.distill_from, str(device))
             self.teacher.requires_grad_(False)
         self._teacher_engine = None
+        self._served: Transformer | None = None
         self._written: list[tuple[torch.Tensor, torch.Tensor]] = []  # on-policy micro-batches not yet used
 
     # -- state -------------------------------------------------------------------------------
@@ -277,6 +278,15 @@ class Trainer:
         m = self.step * accum + micro
         return f > 0 and int((m + 1) * f) > int(m * f)
 
+    def _served_teacher(self) -> Transformer:
+        """The teacher as it is served, which a draft will be verified against: under bf16
+        training on GPU a bf16 copy (made once; half the bytes per decode step of float32)."""
+        if self._served is None:
+            self._served = self.teacher
+            if self.device.type == "cuda" and uses_bf16(self.device, self.cfg.train.dtype):
+                self._served = copy.deepcopy(self.teacher).to(torch.bfloat16)
+        return self._served
+
     def _on_policy_batch(self, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch written by the teacher. When none is waiting, the teacher writes
         distill_on_policy_pool of them in one go: from x and the next pool - 1 micro-batches of the
@@ -292,19 +302,16 @@ class Trainer:
     @torch.no_grad()
     def _teacher_writes(self, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """A corpus prefix of each row of x (its first quarter, or all but distill_on_policy_tokens),
-        continued by the teacher through the inference engine to seq_len + 1 tokens (greedily, or sampled at distill_on_policy_temperature with
-        row i seeded seed + i, so a resumed run writes the same): (inputs, next-token targets)."""
+        continued by the teacher through the inference engine to seq_len + 1 tokens (greedily, or
+        sampled at distill_on_policy_temperature with row i seeded seed + i, so a resumed run
+        writes the same): (inputs, next-token targets)."""
         from moekit.infer.engine import Engine, EngineConfig
         from moekit.infer.kv_cache import kv_bytes_per_token
         from moekit.infer.sampling import SamplingParams
 
         B, T = x.shape
         if self._teacher_engine is None:
-            writer = self.teacher
-            if self.device.type == "cuda" and uses_bf16(self.device, self.cfg.train.dtype):
-                # a bf16 copy writes: the teacher as it is served (what a draft will be verified
-                # against), at half the bytes per decode step of float32 weights
-                writer = copy.deepcopy(self.teacher).to(torch.bfloat16)
+            writer = self._served_teacher()
             dtype = next(writer.parameters()).dtype
             budget = B * (T + 64) * kv_bytes_per_token(writer.cfg, dtype)  # all rows at once
             chunk = max(1024, min(B * T, 32768))  # prompt tokens per prefill step
@@ -366,8 +373,34 @@ class Trainer:
                 with autocast_for(self.device, tc.dtype):
                     losses.append(self.model(chunk[:, :-1], chunk[:, 1:]).ce_loss.float() * len(chunk))
             out[f"val/{name}"] = (torch.stack(losses).sum() / len(seqs)).item()
+        if self.teacher is not None and tc.distill_eval_prompts and self.dist is None:
+            out.update(self._draft_acceptance())
         self.model.train()
         return out
+
+    def _draft_acceptance(self) -> dict[str, float]:
+        """The model as the teacher's speculative draft: greedy decoding of held-out prompts (the
+        first half of validation sequences, taken from each source in turn), each continued for up
+        to 32 tokens with distill_eval_k proposals a step. The acceptance rate and the tokens
+        emitted per step, as the engine counts them."""
+        from moekit.infer.engine import Engine, EngineConfig
+        from moekit.infer.kv_cache import kv_bytes_per_token
+        from moekit.infer.sampling import SamplingParams
+
+        tc = self.cfg.train
+        rows = [r for group in zip(*self.data.val.values()) for r in group][:tc.distill_eval_prompts]
+        prefix = max(1, min(64, tc.seq_len // 2))
+        target, draft = self._served_teacher(), copy.deepcopy(self.model).eval()
+        draft = draft.to(next(target.parameters()).dtype)
+        new = max(1, min(32, min(target.cfg.max_seq_len, draft.cfg.max_seq_len) - prefix - tc.distill_eval_k - 1))
+        budget = len(rows) * 2 * (prefix + new + 64) * kv_bytes_per_token(target.cfg, torch.float32)
+        cfg = EngineConfig(kv_budget=str(budget), max_num_seqs=len(rows), num_speculative_tokens=tc.distill_eval_k,
+                           speculative_max_batch=len(rows), cuda_graphs=False)
+        engine = Engine(target, None, cfg, draft=draft)
+        engine.generate([r[:prefix].tolist() for r in rows],
+                        SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+        st = engine.spec.stats
+        return {"spec/draft_acceptance": st.acceptance_rate, "spec/draft_tokens_per_step": st.mean_accepted_length}
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, logger: MetricsLogger, progress: bool = True) -> None:
@@ -480,8 +513,12 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
             return run_dir
         baseline = unigram_entropy(data.mixture.sources, data.tokenizer.vocab_size)
         plots = plot_run(run_dir, baseline)
-        print("validation loss: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in final.items())
+        print("validation loss: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in final.items() if k.startswith("val/"))
               + f" (unigram entropy of the corpus: {baseline:.3f})")
+        if "spec/draft_acceptance" in final:
+            print(f"as the teacher's draft (k = {cfg.train.distill_eval_k}, greedy, {cfg.train.distill_eval_prompts} "
+                  f"held-out prompts): {final['spec/draft_acceptance']:.1%} of proposals accepted, "
+                  f"{final['spec/draft_tokens_per_step']:.2f} tokens per step")
         print("plots: " + ", ".join(str(p) for p in plots))
         if cfg.train.sample_tokens and ctx is None:
             from moekit.infer.generate import sample_text
