@@ -106,6 +106,12 @@ def build(ckpt_dir: Path, engine_cfg: EngineConfig | None = None, **server_kw):
     return app, captured["aengine"]
 
 
+def build_app_with_draft(ckpt_dir: Path, engine_kw: dict):
+    """moekit.serve.server.build_app with the checkpoint as its own speculative draft."""
+    return server_mod.build_app(str(ckpt_dir), "cpu", EngineConfig(**engine_kw), ServerConfig(model_name=MODEL_NAME),
+                                draft_path=str(ckpt_dir))
+
+
 def start_server(ckpt_dir: Path, engine_cfg: EngineConfig | None = None, uvicorn_kw: dict | None = None,
                  **server_kw) -> Served:
     app, aengine = build(ckpt_dir, engine_cfg, **server_kw)

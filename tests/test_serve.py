@@ -313,3 +313,25 @@ def test_metrics(http, oai):
     assert metric_value(text, "moekit_preemptions") is not None
 
 
+
+
+def test_speculative_server_reports_its_proposers(ckpt_dir, ref_engine):
+    """A server with a draft model (the checkpoint itself) and prompt lookup next to it: greedy
+    output equal to the engine alone, and /metrics counts its speculative steps, the lookup steps
+    among them, and the acceptance at each position."""
+    from fastapi.testclient import TestClient
+
+    from serve_helpers import ENGINE_KW, build_app_with_draft
+
+    app = build_app_with_draft(ckpt_dir, dict(ENGINE_KW, num_speculative_tokens=3, prompt_lookup_max=3))
+    prompt = "hello world hello world hello world hello"
+    with TestClient(app) as c:
+        r = c.post(C, json=comp(prompt=prompt, max_tokens=16, temperature=0))
+        text = c.get("/metrics").text
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == engine_greedy(ref_engine, prompt, 16).text
+    steps = metric_value(text, "moekit_spec_steps")
+    assert steps > 0 and 0 <= metric_value(text, "moekit_spec_lookup_steps") <= steps
+    assert 0 < metric_value(text, "moekit_spec_acceptance_rate") <= 1
+    assert [metric_value(text, "moekit_spec_accepted_at_position", position=str(j)) is not None
+            for j in range(3)] == [True] * 3

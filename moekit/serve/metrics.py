@@ -37,6 +37,9 @@ class ServerMetrics:
                 lambda: stats.acceptance_rate)
             Gauge("moekit_spec_mean_accepted_length", "tokens emitted per speculative request-step",
                   registry=r).set_function(lambda: stats.mean_accepted_length)
+            Gauge("moekit_spec_steps", "speculative steps so far", registry=r).set_function(lambda: stats.steps)
+            Gauge("moekit_spec_lookup_steps", "speculative steps proposed by prompt lookup next to a draft model",
+                  registry=r).set_function(lambda: stats.lookup_steps)
             accepted_at = Gauge("moekit_spec_accepted_at_position", "proposals accepted at each draft position",
                                 ["position"], registry=r)
             for j in range(len(stats.accepted_at)):
