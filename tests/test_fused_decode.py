@@ -248,3 +248,31 @@ def test_prompt_lookup_verification_graphs_on_the_fused_step():
     out = eng.generate(prompts, params)
     assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]
     assert 18 in eng.runner.verify_graphs and eng.spec.stats.proposed > 0
+
+
+def test_draft_with_prompt_lookup_on_the_step_graphs(monkeypatch):
+    """The GPU path of a draft with prompt lookup, one request at a time, with eager stand-ins for
+    CUDA graphs and the kernels in the interpreter: lookup steps verify on exact-size graphs of the
+    fused step and bring the draft up to date, so every drafting step replays the single step
+    graph (the general path's catch-up never runs), and greedy output equals plain decoding."""
+    from moekit.infer.engine import Engine, EngineConfig
+    from moekit.infer.sampling import SamplingParams
+    from moekit.infer.speculative import SpeculativeDecoder
+
+    model, draft = _model(), _model(n_layers=1, ffn_dim=64)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 80, (3,), generator=g).tolist() * 3, torch.randint(0, 80, (7,), generator=g).tolist()]
+    params = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
+    ref = Engine(model, None, EngineConfig(kv_budget="1MiB", block_size=BS)).generate(prompts, params)
+    eng = Engine(model, None, EngineConfig(kv_budget="1MiB", block_size=BS, num_speculative_tokens=3,
+                                           prompt_lookup_max=2, prompt_lookup_min=1, max_num_seqs=1), draft=draft)
+    for runner, m, kv in ((eng.runner, model, eng.kv), (eng.spec.runner, draft, eng.spec.kv)):
+        runner.graph_sizes = [1, 2, 4, 8, 16, 32]  # as on a GPU
+        runner.fused = FusedDecoder(m, kv.k, kv.v)
+    general = []
+    real = SpeculativeDecoder._catch_up
+    monkeypatch.setattr(SpeculativeDecoder, "_catch_up", lambda self, reqs: general.append(1) or real(self, reqs))
+    out = eng.generate(prompts, params)
+    assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]
+    st = eng.spec.stats
+    assert 1 in eng.spec.step_graphs and 0 < st.lookup_steps < st.steps and not general
