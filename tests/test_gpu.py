@@ -182,3 +182,29 @@ def test_norm_linear_tuned_splits_are_deterministic_and_batch_invariant(K, N):
     one = acc0[:1].clone()
     norm_linear(x[:1], w, out=one, accumulate=True)
     assert torch.equal(one, acc[:1])
+
+
+def test_on_policy_distillation_with_a_pool_on_the_gpu(tmp_path):
+    """Distillation on the GPU with bf16 autocast: the teacher (a bf16 copy, as served) writes two
+    on-policy micro-batches per decode batch, and each evaluation measures the draft's greedy
+    acceptance as the teacher's speculative draft."""
+    import json
+
+    from moekit.config import DataConfig, RunConfig, TrainConfig
+    from moekit.train.trainer import train_main
+
+    data = DataConfig(max_docs=12, max_doc_chars=3000, val_docs=3, cache_dir=str(tmp_path / "cache"))
+    common = dict(seq_len=64, micro_batch=4, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_every=4, ckpt_every=8,
+                  sample_tokens=0, device="cuda")
+    model = dict(vocab_size=512, n_heads=2, max_seq_len=128, n_experts=2, top_k=1)
+    train_main(RunConfig(model=ModelConfig(d_model=64, n_layers=2, ffn_dim=128, **model),
+                         train=TrainConfig(out_dir=str(tmp_path / "target"), steps=8, **common), data=data),
+               progress=False)
+    train_main(RunConfig(model=ModelConfig(d_model=32, n_layers=1, ffn_dim=64, **model),
+                         train=TrainConfig(out_dir=str(tmp_path / "draft"), steps=8, distill_on_policy=0.5,
+                                           distill_on_policy_pool=2, distill_from=str(tmp_path / "target"), **common),
+                         data=data), progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "draft" / "metrics.jsonl").read_text().splitlines()]
+    acc = [r["spec/draft_acceptance"] for r in recs if "spec/draft_acceptance" in r]
+    assert len(acc) == 3 and all(0 <= a <= 1 for a in acc)
+    assert all(r["loss"] == r["loss"] for r in recs if "loss" in r)  # finite: no NaN
