@@ -84,7 +84,7 @@ def main():
     ap.add_argument("--draft", required=True, help="a draft run, or 'ngram' for prompt lookup (no draft model)")
     ap.add_argument("--prompt-lookup-max", type=int, default=3, help="prompt lookup: the longest n-gram matched")
     ap.add_argument("--prompt-lookup-min", type=int, default=0,
-                    help="prompt lookup: the shortest n-gram matched (0: 1 alone, 2 next to a draft)")
+                    help="prompt lookup: the shortest n-gram matched (0: 1 alone, 3 next to a draft)")
     ap.add_argument("--with-lookup", action="store_true",
                     help="with a draft run: prompt lookup's proposals on steps where every request finds a match")
     ap.add_argument("--k", type=int, default=4)

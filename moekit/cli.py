@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="speculate from history: propose what followed the last N (down to --prompt-lookup-min) "
                           "tokens earlier; with --speculative-model, on steps where every request finds a match")
     gen.add_argument("--prompt-lookup-min", type=int, default=0, metavar="N",
-                     help="the shortest n-gram matched (0: 1 alone, 2 with --speculative-model)")
+                     help="the shortest n-gram matched (0: 1 alone, 3 with --speculative-model)")
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert", help="moekit run <-> Hugging Face directory")
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="speculate from history: propose what followed the last N (down to --prompt-lookup-min) "
                           "tokens earlier; with --speculative-model, on steps where every request finds a match")
     srv.add_argument("--prompt-lookup-min", type=int, default=0, metavar="N",
-                     help="the shortest n-gram matched (0: 1 alone, 2 with --speculative-model)")
+                     help="the shortest n-gram matched (0: 1 alone, 3 with --speculative-model)")
     srv.set_defaults(func=cmd_serve)
     return p
 

@@ -157,7 +157,7 @@ def test_a_draft_with_prompt_lookup(temperature, monkeypatch):
     accepted). Which one a step uses depends only on the tokens so far, and each is lossless, so
     the output keeps the target's distribution: greedy output is the target's tokens. Seeded
     sampled output is reproducible for the same requests. Both proposers take turns (lookup on
-    n-grams of 2 or more by default; sampled text repeats less, so down to 1 there), preemption
+    n-grams of 3 by default; sampled text repeats less, so down to 1 there), preemption
     happens, and no KV blocks are left behind. A lookup step brings the draft up to date, so a
     drafting step never catches up more than the two rows its step graph holds."""
     from moekit.infer.speculative import SpeculativeDecoder

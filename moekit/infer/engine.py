@@ -84,7 +84,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # with a draft model
     prompt_lookup_max: int = 0  # > 0: speculate from the longest n-gram match up to this n (with a draft
     # model: on steps where every request finds one, the draft on the others)
-    prompt_lookup_min: int = 0  # the shortest match (moekit.infer.ngram); 0: 1 alone, 2 next to a draft model
+    prompt_lookup_min: int = 0  # the shortest match (moekit.infer.ngram); 0: 1 alone, 3 next to a draft model
     speculative_max_batch: int = 8  # above this many running requests, decode without speculation (GPU: also
     # above FUSED_MAX_VERIFY // (k + 1), where verification would leave the fused step and greedy output could differ)
     fused_decode: bool = True  # small decode batches through the fused Triton step (GPU, CUDA graphs)
@@ -132,8 +132,9 @@ class Engine:
                                   cfg.compile, cfg.fused_decode, max_rows=spec_rows)
         self.sampler = Sampler(self.device, cfg.seed)
         self.spec = None
-        # with a draft, a one-token match is a weak reason to skip it: n-grams of 2 or more by default
-        auto_min = min(2 if draft is not None else 1, cfg.prompt_lookup_max)
+        # next to a good draft, only long matches are worth its proposals: n-grams of 3 or more by
+        # default (bench/results/draft_with_lookup_cpu.json)
+        auto_min = min(3 if draft is not None else 1, cfg.prompt_lookup_max)
         lookup = dict(min_n=cfg.prompt_lookup_min or auto_min, max_n=cfg.prompt_lookup_max)
         if cfg.prompt_lookup_max and draft is None:
             from moekit.infer.ngram import PromptLookupDecoder
