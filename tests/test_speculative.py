@@ -191,6 +191,9 @@ def test_draft_must_share_the_vocabulary():
 @pytest.mark.parametrize("bad", [dict(distill_loss="js"), dict(distill_on_policy=0.5),
                                  dict(distill_from="runs/t", distill_on_policy=1.5),
                                  dict(distill_from="runs/t", distill_on_policy=0.5, distill_on_policy_tokens=10**6),
+                                 dict(distill_from="runs/t", distill_on_policy_pool=0),
+                                 dict(distill_from="runs/t", distill_eval_prompts=-1),
+                                 dict(distill_from="runs/t", distill_eval_k=0),
                                  dict(distill_from="runs/t", distill_on_policy=0.5, pp=2, micro_batch=2)])
 def test_distillation_settings_are_checked(bad):
     from moekit.config import TrainConfig
