@@ -208,7 +208,12 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also run the model path compiled inside the CUDA graphs")
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--profile", action="store_true", help="print the kernel table of the fused decode step")
+    ap.add_argument("--variants", default="fused-prefetch,fused-no-pdl,unfused",
+                    help="engine variants timed beside moekit-fused (comma-separated; empty: none)")
     args = ap.parse_args()
+    variants = {v for v in args.variants.split(",") if v} | ({"unfused-compiled"} if args.compile else set())
+    if variants - {"fused-prefetch", "fused-no-pdl", "unfused", "unfused-compiled"}:
+        ap.error(f"unknown --variants: {args.variants}")
 
     numerics = check_paged_kernel()
     cfg = preset(args.preset)
@@ -228,6 +233,7 @@ def main():
             "moekit-fused-no-pdl": dict(fused=True, pdl=False), "moekit-unfused": dict(fused=False)}
     if args.compile:
         runs["moekit-unfused-compiled"] = dict(fused=False, compile=True)
+    runs = {k: v for k, v in runs.items() if k == "moekit-fused" or k[len("moekit-"):] in variants}
     results, step_ms, startup, tokens, kernels = {}, {}, {}, {}, None
     for name, kw in runs.items():
         results[name], tokens[name], step_ms[name], startup[name] = engine_decode(
@@ -253,8 +259,10 @@ def main():
         except Exception as e:  # a diagnostic: never lose the run's results to it
             kernels = f"{type(e).__name__}: {e}"[:300]
             print(kernels)
-    same = sum(1 for _ in zip(tokens["moekit-fused"], tokens["moekit-unfused"]))
-    agree = next((i for i, (a, b) in enumerate(zip(tokens["moekit-fused"], tokens["moekit-unfused"])) if a != b), same)
+    fused, unfused = tokens["moekit-fused"], tokens.get("moekit-unfused", [])
+    same = sum(1 for _ in zip(fused, unfused))
+    agree = next((i for i, (a, b) in enumerate(zip(fused, unfused)) if a != b), same)
+    pdl_same = fused == tokens["moekit-fused-no-pdl"] if "moekit-fused-no-pdl" in tokens else None
     for impl in [s for s in args.hf_impls.split(",") if s]:
         try:
             results[f"hf-{impl}"] = hf_decode(cfg, prompt.cuda(), args.new_tokens, impl)
@@ -266,7 +274,7 @@ def main():
                "total_params": counts.total_params, "active_params": counts.active_params,
                "paged_kernel_rel_err_vs_fp64": numerics, "fused_step_numerics": fused_numerics,
                "greedy_tokens_identical_prefix_fused_vs_unfused": agree,
-               "greedy_tokens_identical_pdl_vs_no_pdl": tokens["moekit-fused"] == tokens["moekit-fused-no-pdl"],
+               "greedy_tokens_identical_pdl_vs_no_pdl": pdl_same,
                "decode_graph_ms_by_batch": step_ms, "kernels_batch1": kernels,
                "decode_graph_fraction_of_roofline": {k: 1e3 / v[1] / roofline for k, v in step_ms.items()},
                "tok_s": results,
@@ -282,7 +290,7 @@ def main():
     for k, v in results.items():
         print(f"  {k:24s} " + (f"{v:8.1f} tok/s  {v / roofline:6.1%} of roofline" if isinstance(v, float) else v))
     print(f"greedy tokens identical (fused vs unfused): first {agree} of {same}; "
-          f"fused with PDL vs without: {tokens['moekit-fused'] == tokens['moekit-fused-no-pdl']}")
+          f"fused with PDL vs without: {pdl_same}")
     print(f"wrote {path}")
 
 
