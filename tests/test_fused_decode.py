@@ -154,7 +154,8 @@ def test_paged_attention_merges_its_splits(Hkv):
 @pytest.mark.parametrize("bk", [16, 64])
 def test_route_against_float64(bk):
     """RMSNorm + router + softmax + top-2 with renormalised gates, in one tile (bk = d) or over
-    several: the normed rows, the chosen experts and their gates against float64."""
+    several: the normed rows, the chosen experts and their gates against float64; a padding row
+    (K/V slot 0) chooses no expert."""
     from moekit.infer.fused_decode import _route
 
     g = torch.Generator().manual_seed(bk)
@@ -162,19 +163,23 @@ def test_route_against_float64(bk):
     x, gamma, wr = torch.randn(B, d, generator=g), torch.rand(d, generator=g) + 0.5, torch.randn(E, d, generator=g)
     xn = torch.empty(B, d)
     ids, gates = torch.empty(B, topk, dtype=torch.int32), torch.empty(B, topk)
-    _route[(B,)](x, gamma, wr, xn, ids, gates, d, E, 1e-5, x.stride(0), EP=8, BK=bk, TOPK=topk, RENORM=True, PDL=False)
+    slots = torch.tensor([4, 5, 0, 6, 7, 8])  # row 2 pads
+    _route[(B,)](x, gamma, wr, xn, ids, gates, slots, d, E, 1e-5, x.stride(0), EP=8, BK=bk, TOPK=topk, RENORM=True,
+                 PDL=False)
     xd = x.double()
     ref_xn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
     p = torch.softmax(ref_xn @ wr.double().T, -1)
     top, top_ids = p.topk(topk, -1)
     torch.testing.assert_close(xn.double(), ref_xn, rtol=1e-5, atol=1e-5)
-    assert torch.equal(ids.long(), top_ids)
-    torch.testing.assert_close(gates.double(), top / top.sum(-1, keepdim=True), rtol=1e-5, atol=1e-5)
+    real = slots != 0
+    assert torch.equal(ids[real].long(), top_ids[real]) and (ids[~real] == -1).all() and (gates[~real] == 0).all()
+    torch.testing.assert_close(gates[real].double(), (top / top.sum(-1, keepdim=True))[real], rtol=1e-5, atol=1e-5)
 
 
 def test_a_rows_logits_do_not_depend_on_the_batch():
     """Batch invariance: a request's logits and K/V are the same bits decoded alone or among
-    other rows (what makes speculative verification reproduce one-row decoding exactly)."""
+    other rows (what makes speculative verification reproduce one-row decoding exactly), padding
+    rows (slot 0 of the scratch block, which choose no expert) included."""
     model = _model()
     kv = PagedKVCache(model.cfg, num_blocks=20, block_size=BS, device="cpu", dtype=torch.float32)
     runner = ModelRunner(model, kv, max_model_len=64, max_num_seqs=4, cuda_graphs=False)
@@ -185,16 +190,19 @@ def test_a_rows_logits_do_not_depend_on_the_batch():
     fused = FusedDecoder(model, kv.k, kv.v)
     tables = torch.tensor([r.blocks for r in reqs], dtype=torch.int32)
 
-    def step(idx):
-        return fused(torch.tensor([5 + i for i in idx]), torch.tensor([lens[i] for i in idx]),
-                     torch.tensor([reqs[i].blocks[lens[i] // BS] * BS + lens[i] % BS for i in idx]),
-                     tables[idx], torch.tensor([lens[i] + 1 for i in idx], dtype=torch.int32))
+    def step(idx, pad=0):
+        return fused(torch.tensor([5 + i for i in idx] + [0] * pad), torch.tensor([lens[i] for i in idx] + [0] * pad),
+                     torch.tensor([reqs[i].blocks[lens[i] // BS] * BS + lens[i] % BS for i in idx] + [0] * pad),
+                     torch.cat([tables[idx], torch.zeros(pad, tables.shape[1], dtype=torch.int32)]),
+                     torch.tensor([lens[i] + 1 for i in idx] + [1] * pad, dtype=torch.int32))
 
     alone = step([0])
     k_alone = kv.k.clone()
     batched = step([2, 0, 1])
     assert torch.equal(batched[1], alone[0])
     assert torch.equal(kv.k[:, reqs[0].blocks[1]], k_alone[:, reqs[0].blocks[1]])
+    padded = step([0, 1], pad=2)
+    assert torch.equal(padded[0], alone[0]) and torch.equal(padded[1], batched[2]) and padded.isfinite().all()
 
 
 def test_unsupported_models_are_named():

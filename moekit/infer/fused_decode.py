@@ -237,12 +237,15 @@ def _rope_store(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_pt
 
 # -- 5: RMSNorm + router + softmax + top-k ---------------------------------------------------------
 @triton.jit
-def _route(x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, K, E, eps, stride_xb,
+def _route(x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, slots_ptr, K, E, eps, stride_xb,
            EP: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
     """One program per row: xn = RMSNorm(x) (stored in the weights' dtype, as the experts read it),
-    logits = xn @ wr.T in float32, softmax, the TOPK largest (ids and gates)."""
+    logits = xn @ wr.T in float32, softmax, the TOPK largest (ids and gates). A padding row (its
+    K/V slot 0, the scratch block's) chooses no expert (ids -1, gates 0): a graph's padding rows
+    add no expert weights to the step's reads."""
     gdc(PDL)
     b = tl.program_id(0)
+    pad = tl.load(slots_ptr + b) == 0
     e = tl.arange(0, EP)
     emask = e < E
     if K <= BK:  # one tile: every load issued up front (one round trip to memory, not two)
@@ -287,8 +290,8 @@ def _route(x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, K, E, eps, stride_x
     for j in tl.static_range(TOPK):
         best = tl.max(p, 0)
         idx = tl.min(tl.where(p == best, e, EP), 0)  # the lowest index among ties
-        tl.store(ids_ptr + b * TOPK + j, idx)
-        tl.store(gates_ptr + b * TOPK + j, best * scale)
+        tl.store(ids_ptr + b * TOPK + j, tl.where(pad, -1, idx))
+        tl.store(gates_ptr + b * TOPK + j, tl.where(pad, 0.0, best * scale))
         p = tl.where(e == idx, -1.0, p)
 
 
@@ -410,9 +413,10 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, 
             y = tl.zeros([BM, BN], tl.float32)
             for j in tl.static_range(TOPK):
                 yj = tl.zeros([BM, BN], tl.float32)
+                chosen = tl.load(ids_ptr + b * TOPK + j, mask=b < B, other=-1) >= 0  # padding rows: none
                 for sk in tl.static_range(SPLIT_K):
-                    yj += tl.load(part_ptr + (sk * R + b * TOPK + j)[:, None] * D + n[None, :], mask=m, other=0.0,
-                                  cache_modifier=".cg")
+                    yj += tl.load(part_ptr + (sk * R + b * TOPK + j)[:, None] * D + n[None, :],
+                                  mask=m & chosen[:, None], other=0.0, cache_modifier=".cg")
                 y += yj * tl.load(gates_ptr + b * TOPK + j, mask=b < B, other=0.0)[:, None]
             optr = out_ptr + b[:, None] * stride_ob + n[None, :]
             tl.store(optr, tl.load(optr, mask=m, other=0.0) + y, mask=m)
@@ -548,7 +552,7 @@ class FusedDecoder:
             moe = blk.ffn
             E = c.n_experts
             ep = max(2, triton.next_power_of_2(E))
-            _route[(B,)](x, blk.ffn_norm.weight, moe.router.weight, xn, ids32, gates, c.d_model, E,
+            _route[(B,)](x, blk.ffn_norm.weight, moe.router.weight, xn, ids32, gates, slots, c.d_model, E,
                          blk.ffn_norm.eps, x.stride(0), EP=ep,
                          BK=min(triton.next_power_of_2(c.d_model), max(16, 16384 // ep)), TOPK=c.top_k, RENORM=c.renorm_gates,
                          num_warps=8, **pdl_kw(x))
