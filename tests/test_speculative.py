@@ -223,11 +223,10 @@ def test_on_policy_pool_resumes_exactly(tmp_path, monkeypatch):
     """The teacher writes three on-policy micro-batches at a time; a run killed after a checkpoint
     that falls inside a pool (the written rows not yet used wait in it) and resumed matches an
     uninterrupted run bit for bit."""
-    from test_train import SimulatedCrash, assert_same_weights, ckpt_path, comparable
+    from test_train import assert_same_weights, ckpt_path, comparable, train_killed_at
 
     from moekit.config import DataConfig, RunConfig, TrainConfig
     from moekit.train import checkpoint as ckpt_io
-    from moekit.train import trainer as trainer_mod
     from moekit.train.metrics import read_metrics
     from moekit.train.trainer import train_main
 
@@ -246,17 +245,7 @@ def test_on_policy_pool_resumes_exactly(tmp_path, monkeypatch):
                          data=data)
 
     train_main(draft("a"), progress=False)
-    real_step = trainer_mod.Trainer.train_step
-
-    def crashing_step(self):
-        if self.step == 6:
-            raise SimulatedCrash("killed")
-        return real_step(self)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing_step)
-    with pytest.raises(SimulatedCrash):
-        train_main(draft("b"), progress=False)
-    monkeypatch.undo()
+    train_killed_at(draft("b"), 6, monkeypatch)
     waiting = ckpt_io.load_state(ckpt_path(tmp_path / "b", 4))["on_policy_written"]
     assert waiting.shape == (1, 2, 2, 32)  # step 5's micro-batch, written with steps 1 and 3
     train_main(None, resume=str(tmp_path / "b"), progress=False)

@@ -247,6 +247,21 @@ class SimulatedCrash(Exception):
     pass
 
 
+def train_killed_at(cfg, step: int, monkeypatch) -> None:
+    """train_main(cfg), killed when the trainer is about to run step + 1."""
+    real_step = trainer_mod.Trainer.train_step
+
+    def crashing_step(self):
+        if self.step == step:
+            raise SimulatedCrash("killed")
+        return real_step(self)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing_step)
+    with pytest.raises(SimulatedCrash):
+        train_main(cfg, progress=False)
+    monkeypatch.undo()
+
+
 def test_resume_is_exact(tmp_path, cache_dir, monkeypatch):
     """Run A: 8 steps in one go. Run B: the same config (steps=8, so the same LR schedule), killed
     during step 7 (after the step-4 checkpoint and two more logged steps), then resumed from its
@@ -255,18 +270,7 @@ def test_resume_is_exact(tmp_path, cache_dir, monkeypatch):
     kw = dict(steps=8, ckpt_every=4, batch_tokens=128, batch_ramp_start=64, batch_ramp_steps=6)
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     train_main(small_cfg(run_a, cache_dir, **kw), progress=False)
-
-    real_step = trainer_mod.Trainer.train_step
-
-    def crashing_step(self):
-        if self.step == 6:
-            raise SimulatedCrash("killed")
-        return real_step(self)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing_step)
-    with pytest.raises(SimulatedCrash):
-        train_main(small_cfg(run_b, cache_dir, **kw), progress=False)
-    monkeypatch.undo()
+    train_killed_at(small_cfg(run_b, cache_dir, **kw), 6, monkeypatch)
     assert ckpt_io.list_checkpoints(run_b) == [ckpt_path(run_b, 4)]
     assert [r["step"] for r in read_metrics(run_b)] == list(range(0, 7))  # steps 5, 6 after the ckpt
 

@@ -153,8 +153,10 @@ class DraftWithLookup(PromptLookupDecoder):
         out = self._commit(reqs, emitted)
         # the draft computes what it lags by: its positions before this step's and the accepted
         # proposals (emitted, not yet appended to the request)
-        rows = [(r, p, ids[p]) for r, d in zip(reqs, drafted)
-                for ids in [r.all_ids + out[r.id]] for p in range(d, r.num_computed)]
+        rows = []
+        for r, d in zip(reqs, drafted):
+            ids = r.all_ids + out[r.id]
+            rows += [(r, p, ids[p]) for p in range(d, r.num_computed)]
         if rows:
             self.runner.decode_rows(rows)
         for r in reqs:

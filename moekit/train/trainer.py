@@ -110,6 +110,7 @@ class Trainer:
         self._teacher_engine = None
         self._served: Transformer | None = None
         self._written: list[tuple[torch.Tensor, torch.Tensor]] = []  # on-policy micro-batches not yet used
+        self._evaluated: tuple[int, dict[str, float]] | None = None  # (step, figures) of the last evaluation
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -149,6 +150,7 @@ class Trainer:
                     weights, osd = stage_subset(self.model, weights, osd)
                 load_full_state(self.model, self.opt, weights, osd)
             self.data.mixture.load_state_dict(st["data"])
+            self._evaluated = None
             self._written = [(xy[0], xy[1]) for xy in st.get("on_policy_written", [])]
             tc = self.cfg.train
             if any(x.shape != (tc.micro_batch, tc.seq_len) for x, _ in self._written) or self.dist is not None:
@@ -355,8 +357,16 @@ class Trainer:
         return StepResult(loss, r.balance.item(), r.z.item(), grad_norm.item(),
                           r.load.tolist() if moe else [], r.dropped.item())
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Validation loss per source (and a distilled draft's acceptance). The weights change only
+        with the step, so a second call at the same step (the run's final report after its last
+        step's evaluation) returns the figures already measured."""
+        if self._evaluated is None or self._evaluated[0] != self.step:
+            self._evaluated = (self.step, self._evaluate())
+        return dict(self._evaluated[1])
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
         tc = self.cfg.train
         if self.pipe is not None:
             from moekit.parallel.pipeline import evaluate_ce
