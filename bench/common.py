@@ -95,3 +95,24 @@ def hf_mixtral(cfg, impl: str, dtype=None, **extra):
     hcfg._experts_implementation = impl
     model = MixtralForCausalLM(hcfg).cuda()
     return model.to(dtype) if dtype is not None else model
+
+
+def decode_graph_ms(runner, rows: int) -> float | None:
+    """GPU milliseconds of one replay of the decode graph a step of `rows` requests uses, back to
+    back, every row a real one: the last real row any of the runner's graphs ran, repeated with
+    different tokens, so that rows route to experts as requests do (a padding row, K/V slot 0,
+    chooses no expert and reads no expert weights). None off the GPU, or if no graph ran a request."""
+    sizes = [b for b in runner.graph_sizes if b >= rows]
+    real = [buf["stage"][0] for _, buf in runner.graphs.values() if int(buf["stage"][0, 2]) != 0]
+    if not torch.cuda.is_available() or not sizes or not real:
+        return None
+    b = sizes[0]
+    if b not in runner.graphs:
+        runner.capture_graph(b)
+    graph, buf = runner.graphs[b]
+    stage = buf["stage"]
+    stage[:rows] = real[0]
+    g = torch.Generator().manual_seed(0)
+    stage[:rows, 0] = torch.randint(1, buf["logits"].shape[-1], (rows,), generator=g).to(stage)
+    stage[rows:, :5] = torch.tensor([0, 0, 0, 1, 0], dtype=stage.dtype)  # padding rows
+    return cuda_time_ms(graph.replay, warmup=5, iters=50)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import copy_tbps, cuda_time_ms, env_info, gpu_tag, hf_mixtral, rel_err, write_result  # noqa: E402
+from bench.common import copy_tbps, cuda_time_ms, decode_graph_ms, env_info, gpu_tag, hf_mixtral, rel_err, write_result  # noqa: E402
 from moekit.config import preset  # noqa: E402
 from moekit.infer.engine import Engine, EngineConfig  # noqa: E402
 from moekit.infer.kv_cache import kv_bytes_per_token  # noqa: E402
@@ -190,10 +190,8 @@ def _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile):
     torch.cuda.synchronize()
     tps = len(toks) / (time.perf_counter() - t)
     step_ms = {}
-    for b in (1, 2, 4, 8):  # the decode step alone, no host work (padding rows: context 1)
-        if b not in engine.runner.graphs:
-            engine.runner.capture_graph(b)
-        step_ms[b] = cuda_time_ms(engine.runner.graphs[b][0].replay, warmup=5, iters=50)
+    for b in (1, 2, 4, 8):  # the decode step alone, no host work, b real rows
+        step_ms[b] = decode_graph_ms(engine.runner, b)
     del engine
     torch.cuda.empty_cache()
     return tps, toks, step_ms, startup_s

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import env_info, gpu_tag, write_result  # noqa: E402
+from bench.common import cuda_time_ms, decode_graph_ms, env_info, gpu_tag, write_result  # noqa: E402
 from moekit.data.corpus import load_corpus  # noqa: E402
 from moekit.infer.engine import Engine, EngineConfig  # noqa: E402
 from moekit.infer.generate import load_draft, load_for_inference  # noqa: E402
@@ -57,27 +57,6 @@ def timed(engine: Engine, rounds: list[list[str]], params, k: int) -> tuple[floa
     return tokens / seconds, decode_tokens / decode_seconds, outputs
 
 
-def replay_ms(graph, iters: int = 50) -> float:
-    """Mean time of one replay of a CUDA graph, back to back (CUDA events)."""
-    for _ in range(5):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-def graph_ms(runner, rows: int) -> float | None:
-    """Replay time of the runner's decode graph for `rows` rows."""
-    sizes = [b for b in runner.graphs if b >= rows]
-    if not torch.cuda.is_available() or not sizes:
-        return None
-    return replay_ms(runner.graphs[min(sizes)][0])
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", required=True)
@@ -112,17 +91,22 @@ def main():
         rounds = [prompts[i:i + b] for i in range(0, len(prompts), b)]
         cfg = EngineConfig(kv_budget=args.kv_budget, max_num_seqs=b, num_speculative_tokens=args.k,
                            speculative_max_batch=max(b, 1))
-        base_tps, base_dec, base_out = timed(Engine(target, tok, cfg), rounds, params, args.k)
+        base = Engine(target, tok, cfg)
+        base_tps, base_dec, base_out = timed(base, rounds, params, args.k)
         spec_cfg = (dataclasses.replace(cfg, prompt_lookup_max=args.prompt_lookup_max,
                                         prompt_lookup_min=args.prompt_lookup_min)
                     if lookup or args.with_lookup else cfg)
         spec_engine = Engine(target, tok, spec_cfg, draft=draft)
         spec_tps, spec_dec, spec_out = timed(spec_engine, rounds, params, args.k)
         st = spec_engine.spec.stats
-        # replays with the inputs of the last step (the step graph: draft steps + verification)
-        graphs = {"target_step_ms": graph_ms(spec_engine.runner, b), "draft_step_ms": graph_ms(spec_engine.spec.runner, b) if not lookup else None,
-                  "speculative_step_graph_ms": (replay_ms(spec_engine.spec.step_graphs[b][0]) if torch.cuda.is_available()
-                                                and b in spec_engine.spec.step_graphs else None)}
+        # GPU time of one step alone: the target's and the draft's decode graphs with b real rows, and
+        # the step graph (draft steps + verification) with the inputs of the last step it ran
+        step = spec_engine.spec.step_graphs.get(b)
+        graphs = {"target_step_ms": decode_graph_ms(base.runner, b),
+                  "draft_step_ms": decode_graph_ms(spec_engine.spec.runner, b) if not lookup else None,
+                  "speculative_step_graph_ms": (cuda_time_ms(step[0].replay, warmup=5, iters=50)
+                                                if torch.cuda.is_available() and step is not None else None)}
+        del base
         rows.append({**graphs, "batch": b, "decode_tok_s": base_dec, "decode_tok_s_speculative": spec_dec,
                      "decode_speedup": spec_dec / base_dec,
                      "tok_s": base_tps, "tok_s_speculative": spec_tps, "speedup": spec_tps / base_tps,

@@ -66,7 +66,7 @@ def test_draft_with_prompt_lookup_on_graphs_matches_target_alone():
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     ref = _run(target, prompts, params, cuda_graphs=False)
     eng = Engine(target, None, EngineConfig(kv_budget="64MiB", block_size=16, num_speculative_tokens=3, max_num_seqs=2,
-                                            prompt_lookup_max=3, prompt_lookup_min=2), draft=draft)
+                                            prompt_lookup_max=3, prompt_lookup_min=1), draft=draft)
     assert [o.output_token_ids for o in eng.generate(prompts, params)] == ref
     assert 0 < eng.spec.stats.lookup_steps < eng.spec.stats.steps
 
