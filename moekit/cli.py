@@ -109,14 +109,17 @@ class _null:
 
 
 def cmd_train(args) -> int:
+    from moekit.train.stopping import EXIT_STOPPED
     from moekit.train.trainer import train_main
 
+    trainer: list = []
     if args.resume:
         layout = {k: getattr(args, k) for k in ("dp", "ep", "tp", "pp") if getattr(args, k) is not None}
-        train_main(None, resume=args.resume, steps=args.steps, layout=layout)
+        train_main(None, resume=args.resume, steps=args.steps, layout=layout, time_limit=args.time_limit,
+                   trainer_out=trainer)
     else:
-        train_main(run_config_from_args(args))
-    return 0
+        train_main(run_config_from_args(args), trainer_out=trainer)
+    return EXIT_STOPPED if trainer and trainer[0].stopped else 0
 
 
 def cmd_generate(args) -> int:

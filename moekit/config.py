@@ -124,6 +124,10 @@ class TrainConfig:
     eval_batches: int = 4
     ckpt_every: int = 100
     keep_last: int = 2
+    # seconds this process may train (set-up included): it checkpoints and stops, with exit code 75,
+    # before a step that could end past it (leave room for the checkpoint write); 0: no limit.
+    # SIGTERM and Ctrl-C stop the same way, after the current step
+    time_limit: float = 0.0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile the model (pays off on GPU)
@@ -196,6 +200,8 @@ class TrainConfig:
         if self.pp_microbatches < 0 or (self.pp > 1 and self.micro_batch % (self.pp_microbatches or self.pp)):
             raise ConfigError(f"pp_microbatches ({self.pp_microbatches or self.pp}) must divide micro_batch "
                               f"({self.micro_batch})")
+        if self.time_limit < 0:
+            raise ConfigError(f"time_limit must be >= 0 seconds (0: none), got {self.time_limit}")
         if self.batch_tokens and self.batch_tokens < self.seq_len:
             raise ConfigError(f"batch_tokens ({self.batch_tokens}) must be >= seq_len ({self.seq_len})")
         return self

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
+import signal
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from moekit.cli import main as cli_main
-from moekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from moekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, to_toml
 from moekit.data.corpus import load_corpus
 from moekit.data.mixture import pack_validation
 from moekit.data.tokenizer import Tokenizer
@@ -306,6 +308,56 @@ def test_resume_of_a_finished_run_changes_nothing(trained_run, tmp_path):
     train_main(None, resume=str(copy), progress=False)
     assert comparable(read_metrics(copy)) == comparable(read_metrics(run))
     assert_same_weights(ckpt_path(run, 40), ckpt_path(copy, 40))
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path, cache_dir, monkeypatch,
+                                                                            capsys):
+    """SIGTERM during step 3 (no periodic checkpoint there): the run finishes the step, writes a
+    checkpoint at step 3, says how to continue, and gives the usual SIGTERM handler back. The
+    resumed run equals an uninterrupted one, bit for bit."""
+    kw = dict(steps=8, ckpt_every=4)
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    train_main(small_cfg(run_a, cache_dir, **kw), progress=False)
+    real_step = trainer_mod.Trainer.train_step
+
+    def step_then_sigterm(self):
+        r = real_step(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return r
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", step_then_sigterm)
+    got: list = []
+    train_main(small_cfg(run_b, cache_dir, **kw), progress=False, trainer_out=got)
+    monkeypatch.undo()
+    out = capsys.readouterr()
+    assert got[0].stopped == "SIGTERM" and signal.getsignal(signal.SIGTERM) is before
+    assert f"stopped at step 3 of 8 (SIGTERM), with a checkpoint; continue with: moekit train --resume {run_b}" in out.out
+    assert "SIGTERM: stopping after this step" in out.err
+    assert ckpt_io.list_checkpoints(run_b) == [ckpt_path(run_b, 3)]
+    assert [r["step"] for r in read_metrics(run_b)] == [0, 1, 2, 3]
+
+    train_main(None, resume=str(run_b), progress=False)
+    assert comparable(read_metrics(run_b)) == comparable(read_metrics(run_a))
+    assert_same_weights(ckpt_path(run_a, 8), ckpt_path(run_b, 8))
+
+
+def test_time_limit_stops_with_exit_code_75_and_a_resume_may_lift_it(tmp_path, cache_dir, capsys):
+    """--time-limit: set-up alone takes longer than 1 ms, so the run stops after its first step
+    with a checkpoint and exit code 75; a resume with --time-limit 0 trains to the end."""
+    run = tmp_path / "run"
+    cfg = small_cfg(run, cache_dir, steps=5, ckpt_every=100)
+    (tmp_path / "run.toml").write_text(to_toml({"model": cfg.model, "train": cfg.train, "data": cfg.data}))
+    rc, out, _ = cli(capsys, "train", "--config", str(tmp_path / "run.toml"), "--time-limit", "0.001")
+    assert rc == 75 and "stopped at step 1 of 5 (time limit of 0.001 s)" in out
+    assert ckpt_io.list_checkpoints(run) == [ckpt_path(run, 1)]
+    rc, out, _ = cli(capsys, "train", "--resume", str(run), "--time-limit", "0")
+    assert rc == 0 and "stopped" not in out
+    assert ckpt_io.list_checkpoints(run) == [ckpt_path(run, 1), ckpt_path(run, 5)]
+    assert [r["step"] for r in read_metrics(run)] == list(range(6))
+    rc, _, err = cli(capsys, "train", "--config", str(tmp_path / "run.toml"), "--time-limit", "-1")
+    assert_one_line_error(rc, err, "train")
 
 
 # ------------------------------------------------------------------------------------------------

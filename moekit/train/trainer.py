@@ -24,6 +24,7 @@ from moekit.model.transformer import Transformer, build_model
 from moekit.train import checkpoint as ckpt_io
 from moekit.train.metrics import MetricsLogger, NullLogger, plot_run
 from moekit.train.schedule import batch_tokens_at, lr_at
+from moekit.train.stopping import StopRequests
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,6 +112,7 @@ class Trainer:
         self._served: Transformer | None = None
         self._written: list[tuple[torch.Tensor, torch.Tensor]] = []  # on-policy micro-batches not yet used
         self._evaluated: tuple[int, dict[str, float]] | None = None  # (step, figures) of the last evaluation
+        self.stopped: str | None = None  # why fit() stopped before the last step
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -413,12 +415,20 @@ class Trainer:
         return {"spec/draft_acceptance": st.acceptance_rate, "spec/draft_tokens_per_step": st.mean_accepted_length}
 
     # -- the loop ----------------------------------------------------------------------------
-    def fit(self, logger: MetricsLogger, progress: bool = True) -> None:
+    def fit(self, logger: MetricsLogger, progress: bool = True, started: float | None = None) -> None:
+        """Train to the last step, or stop early with a checkpoint (self.stopped says why): on
+        SIGTERM or Ctrl-C, or before a step that could end past tc.time_limit seconds from `started`."""
         tc = self.cfg.train
         bar = tqdm(total=tc.steps, initial=self.step, disable=not progress, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         if self.step == 0:
             logger.log(0, self.evaluate())
+        with StopRequests(tc.time_limit, started) as stop:
+            self._loop(logger, bar, stop)
+        bar.close()
+
+    def _loop(self, logger: MetricsLogger, bar, stop: StopRequests) -> None:
+        tc = self.cfg.train
         while self.step < tc.steps:
             t0 = time.perf_counter()
             tokens = batch_tokens_at(self.step, tc)
@@ -436,15 +446,23 @@ class Trainer:
             logger.log(self.step, rec)
             bar.update(1)
             bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tokens / dt:,.0f}", batch=tokens)
-            if self.step % tc.ckpt_every == 0 or self.step == tc.steps:
+            saved = self.step % tc.ckpt_every == 0 or self.step == tc.steps
+            if saved:
                 self.save()
-        bar.close()
+            if stop.due(self.dist, self.device) and self.step < tc.steps:
+                if not saved:
+                    self.save()
+                self.stopped = stop.reason
+                return
 
 
 def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool = True,
-               steps: int | None = None, layout: dict | None = None) -> Path:
+               steps: int | None = None, layout: dict | None = None, time_limit: float | None = None,
+               trainer_out: list | None = None) -> Path:
     """Start a run (cfg) or continue one (resume = run or checkpoint folder; steps = a new last step,
-    which stretches the LR schedule). Returns the run folder."""
+    which stretches the LR schedule; time_limit = new seconds for this process). Returns the run
+    folder; trainer_out, if given, receives the Trainer (its .stopped says whether it stopped early)."""
+    started = time.monotonic()
     tokenizer, ckpt = None, None
     if resume:
         ckpt = ckpt_io.resolve_checkpoint(resume)
@@ -452,6 +470,8 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
         cfg = ckpt_io.load_run_config(ckpt)
         if steps is not None:
             cfg.train.steps = steps
+        if time_limit is not None:
+            cfg.train.time_limit = time_limit
         if layout:  # checkpoints hold full tensors: resume at another --dp / --ep / --tp layout
             # dp x ep ranks read distinct data shards; tp ranks share theirs
             micro = cfg.train.micro_batch * cfg.train.dp * cfg.train.ep
@@ -514,10 +534,17 @@ def train_main(cfg: RunConfig | None, resume: str | None = None, progress: bool 
             if ctx is not None and ctx.dims.pp > 1:
                 where = f"{ctx.world} ranks ({ctx.dims.pp} pipeline stages, {cfg.train.pp_schedule}, dp {ctx.dims.dp})"
             print(f"run {run_dir}: {n / 1e6:.2f}M parameters on {where}; corpus {sizes}")
+        if trainer_out is not None:
+            trainer_out.append(trainer)
         try:
-            trainer.fit(logger, progress)
+            trainer.fit(logger, progress, started)
         finally:
             logger.close()
+        if trainer.stopped:
+            if main:
+                print(f"stopped at step {trainer.step} of {cfg.train.steps} ({trainer.stopped}), with a checkpoint; "
+                      f"continue with: moekit train --resume {run_dir}")
+            return run_dir
         final = trainer.evaluate()  # collective under FSDP: every rank runs it
         if not main:
             return run_dir
