@@ -8,6 +8,8 @@
 # ON_POLICY (default 0.5): the share of the draft's micro-batches written by the target itself
 # (--distill-on-policy); 0 distils on the corpus only. A model already trained in $RUNS is kept
 # and a stage cut short resumes from its last checkpoint, so the stages can run as separate calls.
+# TIME_LIMIT=SECONDS: each training stage checkpoints and stops before passing it, and the script
+# ends with exit code 75 until the stage is done (run it again to continue).
 set -euo pipefail
 TSTEPS=${1:-1000}
 DSTEPS=${2:-600}
@@ -15,6 +17,7 @@ K=${3:-4}
 ON_POLICY=${4:-0.5}
 RUNS=${RUNS:-runs}
 MOEKIT=${MOEKIT:-python -m moekit}
+LIMIT=${TIME_LIMIT:+--time-limit $TIME_LIMIT}
 # the newest checkpoint's step in a run folder (empty: none)
 latest() { { ls -d "$1"/ckpt-* 2>/dev/null || true; } | sort | tail -1 | sed 's/.*ckpt-0*//'; }
 # train a stage to STEPS, checkpointing every EVERY steps; a stage cut short resumes where it stopped
@@ -23,9 +26,9 @@ stage() {
     local done; done=$(latest "$dir")
     if [ -z "$done" ]; then
         rm -rf "$dir"
-        $MOEKIT train "$@" --steps "$steps" --eval-every 100000 --ckpt-every "$every" --out-dir "$dir"
+        $MOEKIT train "$@" --steps "$steps" --eval-every 100000 --ckpt-every "$every" --out-dir "$dir" $LIMIT
     elif [ "$done" -lt "$steps" ]; then
-        $MOEKIT train --resume "$dir" --steps "$steps"
+        $MOEKIT train --resume "$dir" --steps "$steps" $LIMIT
     fi
 }
 stage "$RUNS/spec-target" "$TSTEPS" 250 --preset bench-1b
