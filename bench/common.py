@@ -98,11 +98,13 @@ def hf_mixtral(cfg, impl: str, dtype=None, **extra):
 
 
 def decode_graph_ms(runner, rows: int) -> float | None:
-    """GPU milliseconds of one replay of the decode graph a step of `rows` requests uses, back to
-    back, every row a real one: the last real row any of the runner's graphs ran, repeated with
-    different tokens, so that rows route to experts as requests do (a padding row, K/V slot 0,
-    chooses no expert and reads no expert weights). None off the GPU, or if no graph ran a request."""
-    sizes = [b for b in runner.graph_sizes if b >= rows]
+    """Median GPU milliseconds of one replay of the decode graph a step of `rows` requests uses
+    (CUDA events around each replay), with `rows` real rows: copies of the last real row any of the
+    runner's graphs ran (one request's context, so attention reads the same K/V for every row),
+    each with a token of its own, so that rows route to experts as requests do (a padding row, K/V
+    slot 0, chooses no expert and reads no expert weights). None off the GPU, if no graph ran a
+    request, or if no graph serves that many rows."""
+    sizes = [b for b in runner.graph_sizes if b >= rows and runner.graph_fits(b)]
     real = [buf["stage"][0] for _, buf in runner.graphs.values() if int(buf["stage"][0, 2]) != 0]
     if not torch.cuda.is_available() or not sizes or not real:
         return None

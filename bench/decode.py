@@ -274,7 +274,8 @@ def main():
                "greedy_tokens_identical_prefix_fused_vs_unfused": agree,
                "greedy_tokens_identical_pdl_vs_no_pdl": pdl_same,
                "decode_graph_ms_by_batch": step_ms, "kernels_batch1": kernels,
-               "decode_graph_fraction_of_roofline": {k: 1e3 / v[1] / roofline for k, v in step_ms.items()},
+               "decode_graph_fraction_of_roofline": {k: 1e3 / v[1] / roofline for k, v in step_ms.items()
+                                                     if v.get(1) is not None},
                "tok_s": results,
                "fraction_of_roofline": {k: v / roofline for k, v in results.items() if isinstance(v, float)}}
     path = write_result(f"decode_{gpu_tag()}", payload)
@@ -283,8 +284,12 @@ def main():
     print(f"{args.preset}: {counts.total_params / 1e9:.2f}B total, {counts.active_params / 1e9:.2f}B active; "
           f"copy {bw:.2f} TB/s; roofline {roofline:.0f} tok/s (weights {weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e6:.1f} MB)")
     for k, v in step_ms.items():
+        by_batch = "by batch " + ", ".join(f"{b}: {ms:.3f} ms" for b, ms in v.items() if ms is not None)
+        if v.get(1) is None:
+            print(f"  {k:24s} no decode graph; {by_batch}")
+            continue
         print(f"  {k:24s} graph replay {v[1]:.3f} ms = {1e3 / v[1]:7.1f} tok/s  {1e3 / v[1] / roofline:6.1%} of roofline; "
-              "by batch " + ", ".join(f"{b}: {ms:.3f} ms" for b, ms in v.items()))
+              + by_batch)
     for k, v in results.items():
         print(f"  {k:24s} " + (f"{v:8.1f} tok/s  {v / roofline:6.1%} of roofline" if isinstance(v, float) else v))
     print(f"greedy tokens identical (fused vs unfused): first {agree} of {same}; "

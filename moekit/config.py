@@ -200,7 +200,7 @@ class TrainConfig:
         if self.pp_microbatches < 0 or (self.pp > 1 and self.micro_batch % (self.pp_microbatches or self.pp)):
             raise ConfigError(f"pp_microbatches ({self.pp_microbatches or self.pp}) must divide micro_batch "
                               f"({self.micro_batch})")
-        if self.time_limit < 0:
+        if not math.isfinite(self.time_limit) or self.time_limit < 0:
             raise ConfigError(f"time_limit must be >= 0 seconds (0: none), got {self.time_limit}")
         if self.batch_tokens and self.batch_tokens < self.seq_len:
             raise ConfigError(f"batch_tokens ({self.batch_tokens}) must be >= seq_len ({self.seq_len})")

@@ -176,3 +176,28 @@ def test_train_rejects_a_layout_that_does_not_match_the_launch(tmp_path, capsys)
     assert main(["train", "--config", cfg]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "2 x 1 x 1 x 1 = 2" in err[0] and "1 processes" in err[0]
+
+
+def test_torchrun_training_stops_on_every_rank_with_one_checkpoint(tmp_path):
+    """--time-limit under torchrun with FSDP on 2 ranks: both ranks stop after step 1 (the saves
+    are collectives: a rank that went on would hang the other), one full checkpoint is written,
+    each worker exits 75, and one process resumes it to the end."""
+    import subprocess
+    import sys
+
+    from moekit.train.checkpoint import list_checkpoints, verify
+
+    cfg = run_config_toml(tmp_path, "dp2", micro_batch=2, dp=2, time_limit=0.001)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(free_port()), "-m", "moekit", "train", "--config", cfg],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "exitcode  : 75" in r.stderr + r.stdout, r.stderr[-2000:]
+    assert "stopped at step 1 of 4" in r.stdout
+    ckpts = list_checkpoints(tmp_path / "dp2")
+    assert [c.name for c in ckpts] == ["ckpt-0000001"]
+    verify(ckpts[0])
+    from moekit.train.trainer import train_main
+
+    train_main(None, resume=str(tmp_path / "dp2"), progress=False, layout={"dp": 1}, time_limit=0)
+    assert [c.name for c in list_checkpoints(tmp_path / "dp2")][-1] == "ckpt-0000004"

@@ -40,13 +40,26 @@ def test_time_limit_stops_before_a_step_that_could_end_past_it(monkeypatch, step
         assert stop.reason == f"time limit of {limit:g} s"
 
 
-def test_a_second_signal_is_left_to_the_usual_handler():
-    before = signal.getsignal(signal.SIGINT)
+def test_sigterm_repeats_are_absorbed_and_a_second_ctrl_c_is_left_to_the_usual_handler():
+    before = {s: signal.getsignal(s) for s in StopRequests.SIGNALS}
     with StopRequests() as stop:
-        assert signal.getsignal(signal.SIGINT) == stop._handle
+        stop._handle(signal.SIGTERM, None)
+        stop._handle(signal.SIGTERM, None)  # torchrun forwarding the scheduler's signal
+        assert stop.reason == "SIGTERM" and signal.getsignal(signal.SIGTERM) == stop._handle and stop.due()
         stop._handle(signal.SIGINT, None)  # as the first Ctrl-C does
-        assert stop.reason == "SIGINT" and signal.getsignal(signal.SIGINT) is before and stop.due()
-    assert signal.getsignal(signal.SIGINT) is before
+        assert stop.reason == "SIGTERM" and signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    assert {s: signal.getsignal(s) for s in StopRequests.SIGNALS} == before
+
+
+def test_the_time_limit_keeps_room_for_a_checkpoint_write(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
+    with StopRequests(10.0, started=0.0) as stop:
+        clock[0] = 1.0
+        assert not stop.due()  # 1 s spent, a 1 s step would end at 2
+        stop.saved(7.5)
+        clock[0] = 2.0
+        assert stop.due()  # 2 + 1 + 7.5 > 10
 
 
 def _worker(rank: int, world: int, port: int, asker: int | None, out: dict) -> None:

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -310,8 +311,10 @@ def test_resume_of_a_finished_run_changes_nothing(trained_run, tmp_path):
     assert_same_weights(ckpt_path(run, 40), ckpt_path(copy, 40))
 
 
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signal handlers are installed from the main thread only")
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path, cache_dir, monkeypatch,
-                                                                            capsys):
+                                                                            capfd):
     """SIGTERM during step 3 (no periodic checkpoint there): the run finishes the step, writes a
     checkpoint at step 3, says how to continue, and gives the usual SIGTERM handler back. The
     resumed run equals an uninterrupted one, bit for bit."""
@@ -331,7 +334,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_
     got: list = []
     train_main(small_cfg(run_b, cache_dir, **kw), progress=False, trainer_out=got)
     monkeypatch.undo()
-    out = capsys.readouterr()
+    out = capfd.readouterr()
     assert got[0].stopped == "SIGTERM" and signal.getsignal(signal.SIGTERM) is before
     assert f"stopped at step 3 of 8 (SIGTERM), with a checkpoint; continue with: moekit train --resume {run_b}" in out.out
     assert "SIGTERM: stopping after this step" in out.err

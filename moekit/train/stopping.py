@@ -4,8 +4,8 @@ limit. Every rank stops after the same step."""
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import threading
 import time
 
@@ -16,9 +16,10 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: the run stopped early with a checkpoint; conti
 
 class StopRequests:
     """Within `with StopRequests(time_limit) as stop:`, SIGTERM and SIGINT set stop.reason instead of
-    ending the process; the first signal restores the usual handlers, so a second one ends it at
-    once. stop.due(dist) says whether the loop should stop after the step just taken: a signal
-    arrived, or the longest step so far would end past time_limit seconds since `started`."""
+    ending the process. Further SIGTERMs are absorbed (a scheduler and torchrun may both send one);
+    a second Ctrl-C ends the process at once. stop.due(dist) says whether the loop should stop
+    after the step just taken: a signal arrived, or the longest step so far plus the longest
+    checkpoint write (stop.saved) would end past time_limit seconds since `started`."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -26,7 +27,7 @@ class StopRequests:
         self.time_limit = time_limit
         self.started = time.monotonic() if started is None else started
         self.reason: str | None = None
-        self._longest = 0.0
+        self._longest = self._save = 0.0
         self._last = time.monotonic()
         self._old: dict = {}
 
@@ -37,19 +38,27 @@ class StopRequests:
         return self
 
     def __exit__(self, *exc) -> bool:
-        self._restore()
+        for s in list(self._old):
+            self._restore(s)
         return False
 
-    def _restore(self) -> None:
-        for s, handler in self._old.items():
+    def _restore(self, s) -> None:
+        handler = self._old.pop(s, None)
+        if handler is not None:  # None: installed outside Python, cannot be put back
             signal.signal(s, handler)
-        self._old = {}
 
     def _handle(self, signum, frame) -> None:
-        self.reason = signal.Signals(signum).name
-        self._restore()
-        print(f"\n{self.reason}: stopping after this step, with a checkpoint (send it again to stop at once)",
-              file=sys.stderr, flush=True)
+        first = self.reason is None
+        self.reason = self.reason or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self._restore(signal.SIGINT)  # the next Ctrl-C interrupts at once
+        if first:  # os.write: safe inside a handler, even during another write to stderr
+            again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            os.write(2, f"\n{self.reason}: stopping after this step, with a checkpoint{again}\n".encode())
+
+    def saved(self, seconds: float) -> None:
+        """A checkpoint write took this long: the time limit keeps room for one more."""
+        self._save = max(self._save, seconds)
 
     def due(self, dist=None, device: torch.device | None = None) -> bool:
         """Called once per step, after it: whether to stop now. Under torch.distributed a
@@ -57,7 +66,8 @@ class StopRequests:
         now = time.monotonic()
         self._longest = max(self._longest, now - self._last)
         self._last = now
-        if self.reason is None and self.time_limit and now - self.started + self._longest > self.time_limit:
+        if (self.reason is None and self.time_limit
+                and now - self.started + self._longest + self._save > self.time_limit):
             self.reason = f"time limit of {self.time_limit:g} s"
         if dist is None:
             return self.reason is not None

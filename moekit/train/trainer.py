@@ -448,7 +448,9 @@ class Trainer:
             bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tokens / dt:,.0f}", batch=tokens)
             saved = self.step % tc.ckpt_every == 0 or self.step == tc.steps
             if saved:
+                t = time.monotonic()
                 self.save()
+                stop.saved(time.monotonic() - t)
             if stop.due(self.dist, self.device) and self.step < tc.steps:
                 if not saved:
                     self.save()
