@@ -74,6 +74,7 @@ def main():
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompts", type=int, default=8, help="at least this many prompts per batch size, in rounds of "
                     "`batch` (acceptance varies from prompt to prompt: one prompt at batch 1 is a noisy figure)")
+    ap.add_argument("--prompt-chars", type=int, default=200, help="characters of each corpus document as its prompt")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy, outputs compared)")
     ap.add_argument("--kv-budget", default="256MiB")
@@ -90,7 +91,7 @@ def main():
                             ignore_eos=True)
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
-        prompts = prompts_from_corpus(args.target, b * max(1, args.prompts // b))
+        prompts = prompts_from_corpus(args.target, b * max(1, args.prompts // b), args.prompt_chars)
         rounds = [prompts[i:i + b] for i in range(0, len(prompts), b)]
         cfg = EngineConfig(kv_budget=args.kv_budget, max_num_seqs=b, num_speculative_tokens=args.k,
                            speculative_max_batch=max(b, 1))

@@ -1,0 +1,53 @@
+"""The speculative-decoding benchmark on CPU, end to end on a small trained run: its JSON rows are
+complete and, with the target as its own draft, every proposal is accepted (a closed form: k + 1
+tokens a step), and greedy output always equals plain decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moekit.train.trainer import train_main
+from tests.test_train import small_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("bench")
+    out = base / "run"
+    train_main(small_cfg(out, base / "cache", steps=2, ckpt_every=2), progress=False)
+    return out
+
+
+def _bench(run: Path, tmp_path: Path, draft: str, k: int) -> list[dict]:
+    cmd = [sys.executable, str(ROOT / "bench" / "speculative.py"), "--target", str(run), "--draft", draft,
+           "--k", str(k), "--new-tokens", "9", "--prompt-chars", "60", "--batches", "1,2", "--prompts", "2", "--kv-budget", "8MiB",
+           "--device", "cpu", "--name", "spec_{gpu}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "spec_cpu.json").read_text())
+    assert res["k"] == k and res["draft"] == draft and [row["batch"] for row in res["results"]] == [1, 2]
+    for row in res["results"]:
+        assert row["identical_greedy"] is True
+        assert row["target_step_ms"] is None and row["speculative_step_graph_ms"] is None  # GPU figures
+        assert 0 <= row["acceptance_rate"] <= 1 and len(row["accepted_at_position"]) == k
+    return res["results"]
+
+
+def test_the_target_as_its_own_draft_is_always_accepted(run, tmp_path):
+    for row in _bench(run, tmp_path, str(run), k=3):
+        assert row["acceptance_rate"] == 1.0 and row["mean_accepted_length"] == 4.0
+        # 2 prompts x 8 tokens after the first, 4 a step: 4 verifications, all 3 proposals accepted in each
+        assert row["accepted_at_position"] == [4, 4, 4]
+
+
+def test_prompt_lookup_bench_runs(run, tmp_path):
+    rows = _bench(run, tmp_path, "ngram", k=2)
+    assert all(row["draft_step_ms"] is None for row in rows)
