@@ -132,7 +132,13 @@ def kernel_table(model, bw_tbps: float) -> dict:
     ex = blk.ffn.experts
     h = expert_up(xn, ids, ex.w1, ex.w3)
     logits = torch.empty(1, c.vocab_size, device="cuda")
+    hd, dev = c.hd, "cuda"
+    rope = (torch.tensor([7], device=dev), model.rope_cos, model.rope_sin, torch.tensor([5], device=dev),
+            torch.empty(1, c.n_heads, hd, device=dev, dtype=torch.bfloat16),
+            *(torch.empty(16, c.n_kv_heads, hd, device=dev, dtype=torch.bfloat16) for _ in range(2)),
+            c.n_heads, c.n_kv_heads)
     rows = {"qkv (norm + linear)": (lambda: norm_linear(x, wqkv, blk.attn_norm.weight), wqkv.numel()),
+            "qkv + rotary + K/V store": (lambda: norm_linear(x, wqkv, blk.attn_norm.weight, rope=rope), wqkv.numel()),
             "wo (linear, accumulate)": (lambda: norm_linear(y, blk.attn.wo.weight, out=x, accumulate=True),
                                         blk.attn.wo.weight.numel()),
             "lm_head (norm + linear)": (lambda: norm_linear(x, model.lm_head.weight, model.norm.weight, out=logits),
@@ -159,18 +165,19 @@ def tuned_configs() -> dict:
 
 
 def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, fused: bool, compile: bool = False,
-                  pdl: bool = True, prefetch: bool = False):
+                  pdl: bool = True, prefetch: bool = False, rope: bool = True):
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
     graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch;
-    prefetch=True has the early-launched projections prefetch the start of their weights into L2."""
+    prefetch=True has the early-launched projections prefetch the start of their weights into L2;
+    rope=False runs the rotary embedding and K/V store as a kernel of their own."""
     from moekit.infer import fused_decode, triton_sync
 
-    was = triton_sync.ENABLED, fused_decode.PREFETCH_K
-    triton_sync.ENABLED, fused_decode.PREFETCH_K = pdl, (1024 if prefetch else 0)
+    was = triton_sync.ENABLED, fused_decode.PREFETCH_K, fused_decode.FUSED_ROPE
+    triton_sync.ENABLED, fused_decode.PREFETCH_K, fused_decode.FUSED_ROPE = pdl, (1024 if prefetch else 0), rope
     try:
         return _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile)
     finally:
-        triton_sync.ENABLED, fused_decode.PREFETCH_K = was
+        triton_sync.ENABLED, fused_decode.PREFETCH_K, fused_decode.FUSED_ROPE = was
 
 
 def _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile):
@@ -206,11 +213,11 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also run the model path compiled inside the CUDA graphs")
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--profile", action="store_true", help="print the kernel table of the fused decode step")
-    ap.add_argument("--variants", default="fused-prefetch,fused-no-pdl,unfused",
+    ap.add_argument("--variants", default="fused-separate-rope,fused-no-pdl,unfused",
                     help="engine variants timed beside moekit-fused (comma-separated; empty: none)")
     args = ap.parse_args()
     variants = {v for v in args.variants.split(",") if v} | ({"unfused-compiled"} if args.compile else set())
-    if variants - {"fused-prefetch", "fused-no-pdl", "unfused", "unfused-compiled"}:
+    if variants - {"fused-prefetch", "fused-no-pdl", "fused-separate-rope", "unfused", "unfused-compiled"}:
         ap.error(f"unknown --variants: {args.variants}")
 
     numerics = check_paged_kernel()
@@ -228,7 +235,8 @@ def main():
 
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     runs = {"moekit-fused": dict(fused=True), "moekit-fused-prefetch": dict(fused=True, prefetch=True),
-            "moekit-fused-no-pdl": dict(fused=True, pdl=False), "moekit-unfused": dict(fused=False)}
+            "moekit-fused-no-pdl": dict(fused=True, pdl=False), "moekit-fused-separate-rope": dict(fused=True, rope=False),
+            "moekit-unfused": dict(fused=False)}
     if args.compile:
         runs["moekit-unfused-compiled"] = dict(fused=False, compile=True)
     runs = {k: v for k, v in runs.items() if k == "moekit-fused" or k[len("moekit-"):] in variants}
@@ -261,6 +269,7 @@ def main():
     same = sum(1 for _ in zip(fused, unfused))
     agree = next((i for i, (a, b) in enumerate(zip(fused, unfused)) if a != b), same)
     pdl_same = fused == tokens["moekit-fused-no-pdl"] if "moekit-fused-no-pdl" in tokens else None
+    rope_same = fused == tokens["moekit-fused-separate-rope"] if "moekit-fused-separate-rope" in tokens else None
     for impl in [s for s in args.hf_impls.split(",") if s]:
         try:
             results[f"hf-{impl}"] = hf_decode(cfg, prompt.cuda(), args.new_tokens, impl)
@@ -273,6 +282,7 @@ def main():
                "paged_kernel_rel_err_vs_fp64": numerics, "fused_step_numerics": fused_numerics,
                "greedy_tokens_identical_prefix_fused_vs_unfused": agree,
                "greedy_tokens_identical_pdl_vs_no_pdl": pdl_same,
+               "greedy_tokens_identical_rope_in_qkv_vs_separate": rope_same,
                "decode_graph_ms_by_batch": step_ms, "kernels_batch1": kernels,
                "decode_graph_fraction_of_roofline": {k: 1e3 / v[1] / roofline for k, v in step_ms.items()
                                                      if v.get(1) is not None},
@@ -293,7 +303,7 @@ def main():
     for k, v in results.items():
         print(f"  {k:24s} " + (f"{v:8.1f} tok/s  {v / roofline:6.1%} of roofline" if isinstance(v, float) else v))
     print(f"greedy tokens identical (fused vs unfused): first {agree} of {same}; "
-          f"fused with PDL vs without: {pdl_same}")
+          f"fused with PDL vs without: {pdl_same}; rope in the QKV projection vs its own kernel: {rope_same}")
     print(f"wrote {path}")
 
 

@@ -151,6 +151,65 @@ def test_paged_attention_merges_its_splits(Hkv):
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("H,Hkv,hd,split_k", [(3, 1, 20, 1), (2, 2, 64, 2), (4, 1, 16, 3)])
+def test_rope_in_the_qkv_projection_against_float64(H, Hkv, hd, split_k):
+    """The QKV projection with the rotary embedding and the K/V store at its end, against float64:
+    RMSNorm, projection, rotate-half on q and k at each row's position, q into its buffer and k, v
+    into each row's cache slot; tiles of 32 columns across head boundaries (hd 20, 100 columns),
+    within a head (hd 64), or over two heads (hd 16); other slots untouched."""
+    g = torch.Generator().manual_seed(hd)
+    B, K, slots_total = 3, 40, 12
+    N = (H + 2 * Hkv) * hd
+    x = torch.randn(B, K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    gamma = torch.rand(K, generator=g) + 0.5
+    pos = torch.tensor([0, 5, 17])
+    slots = torch.tensor([7, 2, 11])
+    inv = 1.0 / 10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.arange(32, dtype=torch.float64)[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos()] * 2, 1), torch.cat([ang.sin()] * 2, 1)  # [32, hd], rotate-half layout
+    q = torch.zeros(B, H, hd)
+    kc, vc = torch.zeros(slots_total, Hkv, hd), torch.zeros(slots_total, Hkv, hd)
+    assert norm_linear(x, w, gamma, split_k=split_k, rope=(pos, cos.float(), sin.float(), slots, q, kc, vc, H, Hkv)) is None
+
+    xd = x.double()
+    qkv = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()) @ w.double().T
+    qkv = qkv.view(B, H + 2 * Hkv, hd)
+    c, s_ = cos[pos][:, None], sin[pos][:, None]
+
+    def rot(t):
+        return t * c + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * s_
+
+    torch.testing.assert_close(q.double(), rot(qkv[:, :H]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kc[slots].double(), rot(qkv[:, H:H + Hkv]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(vc[slots].double(), qkv[:, H + Hkv:], rtol=1e-4, atol=1e-4)
+    others = torch.ones(slots_total, dtype=torch.bool)
+    others[slots] = False
+    assert not kc[others].any() and not vc[others].any()
+
+
+def test_rope_in_the_projection_gives_the_separate_kernels_bits(monkeypatch):
+    """A decode step with the rotary embedding in the QKV projection and with its own kernel:
+    the same logits and cache, bit for bit (float32)."""
+    import moekit.infer.fused_decode as fd
+
+    model = _model(n_kv_heads=2)
+    results = []
+    for fused_rope in (True, False):
+        monkeypatch.setattr(fd, "FUSED_ROPE", fused_rope)
+        kv = PagedKVCache(model.cfg, num_blocks=12, block_size=BS, device="cpu", dtype=torch.float32)
+        g = torch.Generator().manual_seed(3)
+        kv.k.copy_(torch.randn(kv.k.shape, generator=g))
+        kv.v.copy_(torch.randn(kv.v.shape, generator=g))
+        tables = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.int32)
+        lens = torch.tensor([6, 11])
+        logits = FusedDecoder(model, kv.k, kv.v)(torch.tensor([3, 9]), lens, torch.tensor([2 * BS + 2, 6 * BS + 3]),
+                                                 tables, lens.int() + 1)
+        results.append((logits, kv.k.clone(), kv.v.clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("bk", [16, 64])
 def test_route_against_float64(bk):
     """RMSNorm + router + softmax + top-2 with renormalised gates, in one tile (bk = d) or over

@@ -1,9 +1,10 @@
-"""Fused small-batch decode step in Triton: seven kernels per MoE layer, each reading its weights
+"""Fused small-batch decode step in Triton: six kernels per MoE layer, each reading its weights
 once, so a decode step is bound by memory bandwidth rather than by kernel launches.
 
 Per layer, with the residual stream kept in float32 [B, d]:
-  1. RMSNorm + fused QKV projection                    (_norm_linear)
-  2. rotary embedding of q and k; k, v into their slots  (_rope_store)
+  1. RMSNorm + fused QKV projection, and at its end the rotary embedding of q and k and the
+     store of k, v into their slots                       (_norm_linear with ROPE; triton_rope;
+     MOEKIT_FUSED_ROPE=0: a second kernel, _rope_store)
   3. paged attention                                     (triton_paged: split + merge)
   4. output projection added into the residual           (_norm_linear)
   5. RMSNorm + router + softmax + top-k (+ renormalise)  (_route)
@@ -33,11 +34,15 @@ import triton.language as tl
 
 from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, tile_counters
 from moekit.infer.triton_paged import paged_decode_triton
+from moekit.infer.triton_rope import _rope_finish, _rope_row, _rope_store
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # projections launched early prefetch this many columns of their weight rows into L2 (0: off, the
 # default: it measured slower on H100; MOEKIT_PREFETCH=1024 turns it on)
 PREFETCH_K = int(os.environ.get("MOEKIT_PREFETCH", "0"))
+# the rotary embedding and K/V store at the end of the QKV projection (MOEKIT_FUSED_ROPE=0: a
+# kernel of their own, one launch more per layer)
+FUSED_ROPE = os.environ.get("MOEKIT_FUSED_ROPE", "1") != "0"
 
 
 # autotuning results are kept on disk (Triton's cache) where this Triton can
@@ -66,21 +71,29 @@ def _prefetch_share(w_ptr, n, nmask, stride_wn, k_lo, k_hi, K, BK: tl.constexpr,
 
 
 @triton.jit
-def _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM: tl.constexpr, ACCUM: tl.constexpr):
+def _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM: tl.constexpr, ACCUM: tl.constexpr,
+            w_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, n0, N, BM: tl.constexpr, BN: tl.constexpr,
+            ROPE: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
     if NORM:
         acc = acc / tl.sqrt(ss / K + eps)[:, None]
-    optr = out_ptr + rows[:, None] * stride_ob + n[None, :]
-    omask = rmask[:, None] & nmask[None, :]
-    if ACCUM:
-        acc += tl.load(optr, mask=omask, other=0.0)
-    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    if ROPE:  # rounded as the stored projection (in the weights' dtype) would be
+        _rope_finish(acc.to(w_ptr.dtype.element_ty).to(tl.float32), rows, n0, rmask, N, pos_ptr, cos_ptr, sin_ptr,
+                     slot_ptr, q_ptr, k_ptr, v_ptr, BM, BN, H, HKV, HALF)
+    else:
+        optr = out_ptr + rows[:, None] * stride_ob + n[None, :]
+        omask = rmask[:, None] & nmask[None, :]
+        if ACCUM:
+            acc += tl.load(optr, mask=omask, other=0.0)
+        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
 def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob,
+                 pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
                  NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-                 PDL: tl.constexpr, LINE: tl.constexpr = 64, PREFETCH_K: tl.constexpr = 0):
+                 PDL: tl.constexpr, LINE: tl.constexpr = 64, PREFETCH_K: tl.constexpr = 0,
+                 ROPE: tl.constexpr = False, H: tl.constexpr = 1, HKV: tl.constexpr = 1, HALF: tl.constexpr = 1):
     """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM. All rows of a BM
     block share each weight tile (tl.dot on rows padded to BM). ACCUM adds into out; otherwise
     out is overwritten.
@@ -92,7 +105,11 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
     atomically added values.
 
     Launched early (PDL), a program first asks L2 for the start of its weight share, which does
-    not depend on the kernel before it, and then waits for that kernel."""
+    not depend on the kernel before it, and then waits for that kernel.
+
+    ROPE (the fused QKV projection of H query and HKV key/value heads of 2 HALF): the columns come
+    in rotary pairs (triton_rope._rope_row) and the tile's finish rotates them and writes q, k and
+    v (pos_ptr ... v_ptr) instead of out."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -100,10 +117,11 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
     rmask = rows < B
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < N
+    wn = _rope_row(n, H + HKV, HALF) if ROPE else n  # the weight row of each column
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
     if PDL and PREFETCH_K > 0:
-        _prefetch_share(w_ptr, n, nmask, stride_wn, k_lo, tl.minimum(k_lo + k_per, tl.minimum(K, k_lo + PREFETCH_K)),
+        _prefetch_share(w_ptr, wn, nmask, stride_wn, k_lo, tl.minimum(k_lo + k_per, tl.minimum(K, k_lo + PREFETCH_K)),
                         K, BK, LINE)
     gdc(PDL)
     acc = tl.zeros([BM, BN], tl.float32)
@@ -116,7 +134,7 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
         if NORM:  # RMSNorm(x) g @ w = rstd * ((x g) @ w): one pass, rstd applied at the end
             ss += tl.sum(xk * xk, 1)
             xk = xk * tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        w = tl.load(w_ptr + n[:, None] * stride_wn + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+        w = tl.load(w_ptr + wn[:, None] * stride_wn + kk[None, :], mask=nmask[:, None] & kmask[None, :],
                     other=0.0)  # [BN, BK], rows contiguous
         if USE_DOT:  # tensor cores on rows padded to BM >= 16
             if IEEE:  # float32 weights: full precision, not TF32
@@ -127,7 +145,8 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
             xr = xk.to(w.dtype).to(tl.float32)
             acc += tl.sum(xr[:, None, :] * w.to(tl.float32)[None, :, :], 2)
     if SPLIT_K == 1:
-        _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM)
+        _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM, w_ptr,
+                pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, pid_n * BN, N, BM, BN, ROPE, H, HKV, HALF)
     else:
         mp = tl.num_programs(0) * BM  # part: [SPLIT_K, mp, N] sums, then [SPLIT_K, mp] sums of squares
         tl.store(part_ptr + (pid_k * mp + rows)[:, None] * N + n[None, :], acc, mask=rmask[:, None] & nmask[None, :])
@@ -141,7 +160,8 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
                                mask=rmask[:, None] & nmask[None, :], other=0.0, cache_modifier=".cg")
                 if NORM:
                     ss += tl.load(part_ptr + SPLIT_K * mp * N + sk * mp + rows, cache_modifier=".cg")
-            _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM)
+            _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM, w_ptr,
+                    pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, pid_n * BN, N, BM, BN, ROPE, H, HKV, HALF)
 
 
 def _linear_configs():  # BM = 16 throughout: norm_linear pads the partial sums' rows to 16
@@ -172,19 +192,24 @@ _SPLIT_MAX_N, _SPLIT_MOST, _SPLIT_MOST_WIDE = 16384, 8, 2
 _tune = dict(key=["K", "N"], prune_configs_by={"early_config_prune": _prune_splits}, **_TUNE)
 _norm_linear_store = triton.autotune(_linear_configs(), **_tune)(_norm_linear)
 _norm_linear_accum = triton.autotune(_linear_configs(), **_restore("out_ptr"), **_tune)(_norm_linear)
+# the fused QKV projection with the rotary embedding and the K/V store at its end; the timed call
+# writes the same q, k and v each time
+_norm_linear_rope = triton.autotune(_linear_configs(), **_tune)(_norm_linear)
 
 
 def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None, eps: float = 1e-5,
                 out: torch.Tensor | None = None, accumulate: bool = False, use_dot: bool = True,
-                split_k: int = 2) -> torch.Tensor:
+                split_k: int = 2, rope: tuple | None = None) -> torch.Tensor | None:
     """x: [B, K]; w: [N, K] -> out [B, N] = (RMSNorm_g(x) if g is given else x) @ w.T, or
     out += x @ w.T when accumulate (out float32). use_dot and split_k pick the tile off the GPU
-    (on the GPU the autotuner picks)."""
+    (on the GPU the autotuner picks). rope = (pos, cos, sin, slots, q, k_cache, v_cache, H, HKV):
+    w is a fused QKV weight, and its product is rotated and written to q and the cache slots
+    instead (returns None)."""
     B, K = x.shape
     N = w.shape[0]
     assert 1 <= split_k <= 8, "split_k: 1 ... 8 (the partial sums are sized for 8)"
     if out is None:
-        out = torch.empty(B, N, device=x.device, dtype=w.dtype)
+        out = torch.empty(B, N, device=x.device, dtype=w.dtype) if rope is None else x
     off_gpu = _INTERPRET or not x.is_cuda  # fixed tiles; on GPU the autotuner picks
     bm = 1 if off_gpu and not use_dot else 16  # every tuned config has BM = 16 (_linear_configs)
     # the most a tile is split into (sizes the partial sums)
@@ -192,47 +217,21 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     mp = triton.cdiv(B, bm) * bm  # part rows: padded to whole row blocks
     part = torch.empty(splits * mp * (N + 1) if splits > 1 else 1, device=x.device, dtype=torch.float32)
     sem = tile_counters(x.device, triton.cdiv(B, bm) * triton.cdiv(N, 16))
-    args = (x, g if g is not None else x, w, out, part, sem, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0))
+    ptrs = rope[:7] if rope is not None else (x,) * 7
+    args = (x, g if g is not None else x, w, out, part, sem, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0),
+            *ptrs)
     kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, LINE=128 // w.element_size(),
               PREFETCH_K=PREFETCH_K, **pdl_kw(x))
+    if rope is not None:
+        H, Hkv = rope[7:]
+        kw.update(ROPE=True, H=H, HKV=Hkv, HALF=N // (H + 2 * Hkv) // 2)
     if off_gpu:
         _norm_linear[(triton.cdiv(B, bm), triton.cdiv(N, 32), splits)](*args, **kw, BM=bm, BN=32, BK=32,
                                                                        USE_DOT=use_dot, SPLIT_K=splits)
     else:
-        kern = _norm_linear_accum if accumulate else _norm_linear_store
+        kern = _norm_linear_rope if rope is not None else _norm_linear_accum if accumulate else _norm_linear_store
         kern[lambda m: (triton.cdiv(B, m["BM"]), triton.cdiv(N, m["BN"]), m["SPLIT_K"])](*args, **kw)
-    return out
-
-
-# -- 2: rotary embedding, K/V into the paged cache -------------------------------------------------
-@triton.jit
-def _rope_store(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, stride_qkv,
-                H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
-    """One program per (row, head of q, k or v): q and k rotate (rotate-half convention), q goes
-    to q_ptr [B, H, hd], k and v to their cache slot ([slots, HKV, hd] views of the pages)."""
-    gdc(PDL)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    d = tl.arange(0, HALF)
-    src = qkv_ptr + b * stride_qkv + h * 2 * HALF
-    x1 = tl.load(src + d).to(tl.float32)
-    x2 = tl.load(src + HALF + d).to(tl.float32)
-    pos = tl.load(pos_ptr + b)
-    c = tl.load(cos_ptr + pos * 2 * HALF + d)
-    s = tl.load(sin_ptr + pos * 2 * HALF + d)
-    slot = tl.load(slot_ptr + b).to(tl.int64)  # slots x heads x head size can pass 2^31
-    if h < H + HKV:
-        y1 = x1 * c - x2 * s
-        y2 = x2 * c + x1 * s
-        if h < H:
-            dst = q_ptr + (b * H + h) * 2 * HALF
-        else:
-            dst = k_ptr + (slot * HKV + (h - H)) * 2 * HALF
-    else:
-        y1, y2 = x1, x2
-        dst = v_ptr + (slot * HKV + (h - H - HKV)) * 2 * HALF
-    tl.store(dst + d, y1.to(dst.dtype.element_ty))
-    tl.store(dst + HALF + d, y2.to(dst.dtype.element_ty))
+    return out if rope is None else None
 
 
 # -- 5: RMSNorm + router + softmax + top-k ---------------------------------------------------------
@@ -543,10 +542,14 @@ class FusedDecoder:
         gates = torch.empty(B, c.top_k, device=x.device, dtype=torch.float32)
         xn = torch.empty(B, c.d_model, device=x.device, dtype=m.embed.weight.dtype)
         for i, blk in enumerate(m.blocks):
-            qkv = norm_linear(x, self.wqkv[i], blk.attn_norm.weight, blk.attn_norm.eps)  # [B, (H + 2 Hkv) hd]
             kc, vc = self.kv_k[i], self.kv_v[i]
-            _rope_store[(B, H + 2 * Hkv)](qkv, pos, cos, sin, slots, q, kc, vc, qkv.stride(0),
-                                          H=H, HKV=Hkv, HALF=hd // 2, **pdl_kw(x))
+            if FUSED_ROPE:  # q into q, k and v into their slots, rotated
+                norm_linear(x, self.wqkv[i], blk.attn_norm.weight, blk.attn_norm.eps,
+                            rope=(pos, cos, sin, slots, q, kc, vc, H, Hkv))
+            else:
+                qkv = norm_linear(x, self.wqkv[i], blk.attn_norm.weight, blk.attn_norm.eps)  # [B, (H + 2 Hkv) hd]
+                _rope_store[(B, H + 2 * Hkv)](qkv, pos, cos, sin, slots, q, kc, vc, qkv.stride(0),
+                                              H=H, HKV=Hkv, HALF=hd // 2, **pdl_kw(x))
             y = paged_decode_triton(q, kc, vc, tables, lens)  # [B, H, hd]
             norm_linear(y.view(B, H * hd), blk.attn.wo.weight, out=x, accumulate=True)
             moe = blk.ffn
