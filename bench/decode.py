@@ -169,7 +169,8 @@ def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, 
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
     graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch;
     prefetch=True has the early-launched projections prefetch the start of their weights into L2;
-    rope=False runs the rotary embedding and K/V store as a kernel of their own."""
+    rope=False runs the rotary embedding and K/V store as a kernel of their own (each variant tunes
+    its own projection tiles, so greedy tokens may differ where a tie falls differently)."""
     from moekit.infer import fused_decode, triton_sync
 
     was = triton_sync.ENABLED, fused_decode.PREFETCH_K, fused_decode.FUSED_ROPE

@@ -223,8 +223,12 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, LINE=128 // w.element_size(),
               PREFETCH_K=PREFETCH_K, **pdl_kw(x))
     if rope is not None:
-        H, Hkv = rope[7:]
-        kw.update(ROPE=True, H=H, HKV=Hkv, HALF=N // (H + 2 * Hkv) // 2)
+        pos, cos, _, slots, q, kc, vc, H, Hkv = rope
+        hd = N // (H + 2 * Hkv)
+        assert hd * (H + 2 * Hkv) == N and hd % 2 == 0, f"{N} columns are not {H} + 2 x {Hkv} heads of even size"
+        assert cos.shape[-1] == hd and q.shape[1:] == (H, hd) and kc.shape[-2:] == vc.shape[-2:] == (Hkv, hd)
+        assert pos.shape[0] == slots.shape[0] == B <= q.shape[0], "one position and slot per row"
+        kw.update(ROPE=True, H=H, HKV=Hkv, HALF=hd // 2)
     if off_gpu:
         _norm_linear[(triton.cdiv(B, bm), triton.cdiv(N, 32), splits)](*args, **kw, BM=bm, BN=32, BK=32,
                                                                        USE_DOT=use_dot, SPLIT_K=splits)

@@ -5,8 +5,9 @@ fused QKV projection (_rope_row + _rope_finish, used by fused_decode._norm_linea
 Folded in, the projection computes the columns of q and k in rotary pairs: its column 2i + w of a
 head reads weight row i + w * hd / 2 of that head (w = 0, 1), so each pair (d, d + hd / 2) sits
 side by side in the projection's tile, and whichever program finishes the tile rotates the
-pairs and writes q, k and v where the separate kernel would: the same numbers, one launch fewer
-per layer. Columns of v keep their order."""
+pairs and writes q, k and v where the separate kernel would, with the same arithmetic and
+rounding (the same bits for the same projection tiles), one launch fewer per layer. Columns of v
+keep their order."""
 
 from __future__ import annotations
 
@@ -72,8 +73,8 @@ def _rope_finish(acc, rows, n0, rmask, N, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q
     trig = pos[:, None] * HD + pair[None, :]
     c = tl.load(cos_ptr + trig, mask=rmask[:, None] & roped[None, :], other=1.0)
     s = tl.load(sin_ptr + trig, mask=rmask[:, None] & roped[None, :], other=0.0)
-    y1 = x1 * c - x2 * s  # v: c = 1, s = 0, unchanged
-    y2 = x2 * c + x1 * s
+    y1 = tl.where(roped[None, :], x1 * c - x2 * s, x1)  # v unchanged
+    y2 = tl.where(roped[None, :], x2 * c + x1 * s, x2)
     slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)  # slots x heads x hd can pass 2^31
     m = rmask[:, None] & (ne < N)[None, :]
     mq = m & (head < H)[None, :]
