@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
     srv.add_argument("--max-batched-tokens", type=int, default=1024, help="tokens per engine step")
     srv.add_argument("--max-pending", type=int, default=512, help="requests in flight before answering 429")
+    srv.add_argument("--enable-prefix-caching", action="store_true",
+                     help="keep the K/V of whole blocks of earlier prompts (a shared system prompt) for later requests")
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     srv.add_argument("--speculative-model", default=None, metavar="RUN", help="draft model for speculative decoding")
     srv.add_argument("--num-speculative-tokens", type=int, default=4)

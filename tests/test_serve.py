@@ -335,3 +335,25 @@ def test_speculative_server_reports_its_proposers(ckpt_dir, ref_engine):
     assert 0 < metric_value(text, "moekit_spec_acceptance_rate") <= 1
     assert [metric_value(text, "moekit_spec_accepted_at_position", position=str(j)) is not None
             for j in range(3)] == [True] * 3
+
+
+def test_prefix_caching_server_reuses_a_shared_system_prompt(ckpt_dir, ref_engine):
+    """`--enable-prefix-caching`: two chat requests with one long system prompt; the second finds
+    the system prompt's whole blocks in the cache (/metrics), and both answer as the engine alone."""
+    from fastapi.testclient import TestClient
+
+    from moekit.infer.engine import EngineConfig
+    from serve_helpers import ENGINE_KW, build
+
+    app, _ = build(ckpt_dir, EngineConfig(**dict(ENGINE_KW, prefix_caching=True)))
+    system = {"role": "system", "content": "You are a careful assistant. " * 8}
+    chats = [[system, {"role": "user", "content": q}] for q in ("hello there", "what is moekit?")]
+    with TestClient(app) as c:
+        answers = [c.post(CH, json=dict(model=MODEL_NAME, messages=m, max_tokens=6, temperature=0))
+                   for m in chats]
+        text = c.get("/metrics").text
+    for r, m in zip(answers, chats):
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == engine_greedy(ref_engine, chat_prompt(m), 6).text
+    assert metric_value(text, "moekit_prefix_cache_hit_tokens") >= 32
+    assert metric_value(text, "moekit_prefix_cache_query_tokens") > metric_value(text, "moekit_prefix_cache_hit_tokens")

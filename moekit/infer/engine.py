@@ -90,6 +90,7 @@ class EngineConfig:
     fused_decode: bool = True  # small decode batches through the fused Triton step (GPU, CUDA graphs)
     compile: bool = False  # torch.compile the decode step in the CUDA graphs (GPU; measured slower on H100 so far)
     lookahead: bool = True  # greedy graph decoding launches each step before reading the last one's tokens
+    prefix_caching: bool = False  # keep full blocks' K/V for later requests with the same prefix (kv_cache)
     seed: int = 0
 
     def validate(self) -> "EngineConfig":
@@ -113,7 +114,7 @@ class Engine:
         dtype = next(model.parameters()).dtype
         self.max_model_len = min(cfg.max_model_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         num_blocks = num_blocks_for_budget(model.cfg, cfg.kv_budget, cfg.block_size, self.device, dtype)
-        self.kv = PagedKVCache(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
+        self.kv = PagedKVCache(model.cfg, num_blocks, cfg.block_size, self.device, dtype, cfg.prefix_caching)
         self.kv_bytes_per_token = kv_bytes_per_token(model.cfg, dtype)
         self.scheduler = Scheduler(self.kv.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         speculating = draft is not None or cfg.prompt_lookup_max > 0
@@ -323,6 +324,8 @@ class Engine:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_used": self.kv.allocator.num_used, "kv_blocks_total": self.kv.allocator.num_blocks - 1,
                 "kv_bytes_per_token": self.kv_bytes_per_token, "preemptions": self.scheduler.num_preemptions,
+                "prefix_cache_query_tokens": self.scheduler.prefix_query_tokens,
+                "prefix_cache_hit_tokens": self.scheduler.prefix_hit_tokens,
                 **({"spec_acceptance_rate": self.spec.stats.acceptance_rate,
                     "spec_mean_accepted_length": self.spec.stats.mean_accepted_length,
                     "spec_accepted_at": list(self.spec.stats.accepted_at),

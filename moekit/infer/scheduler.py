@@ -30,6 +30,9 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # prefix caching: full blocks registered so far, and the key id of the last (BlockAllocator.register)
+    num_registered: int = 0
+    cache_parent: int = 0
     # engine-side state (generator, detokenizer, timings) lives in `extra`
     extra: dict = field(default_factory=dict)
 
@@ -60,6 +63,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # prefix caching: tokens of admitted requests, and those found in the cache
+        self.prefix_query_tokens = self.prefix_hit_tokens = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -71,10 +76,25 @@ class Scheduler:
         """New KV blocks the request needs to compute n more tokens."""
         return max(0, math.ceil((req.num_computed + n) / self.block_size) - len(req.blocks))
 
-    def _preempt(self, req: Request) -> None:
-        """Free the request's blocks; it goes back to the head of the queue and recomputes."""
+    def _register(self, req: Request) -> None:
+        """Make the request's full, computed blocks findable by later requests (prefix caching)."""
+        if self.allocator.caching:
+            done = min(req.num_computed, req.num_tokens) // self.block_size
+            if done > req.num_registered:
+                req.cache_parent = self.allocator.register(req.blocks, req.all_ids[:done * self.block_size],
+                                                           self.block_size, req.num_registered, req.cache_parent)
+                req.num_registered = done
+
+    def _release(self, req: Request) -> None:
+        self._register(req)
         self.allocator.free(req.blocks)
-        req.blocks, req.num_computed = [], 0
+        req.blocks, req.num_registered, req.cache_parent = [], 0, 0
+
+    def _preempt(self, req: Request) -> None:
+        """Free the request's blocks; it goes back to the head of the queue and recomputes (what
+        is left of its blocks in the prefix cache, it finds there)."""
+        self._release(req)
+        req.num_computed = 0
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -82,8 +102,7 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def finish(self, req: Request, reason: str) -> None:
-        self.allocator.free(req.blocks)
-        req.blocks = []
+        self._release(req)
         req.status, req.finish_reason = Status.FINISHED, reason
         if req in self.running:
             self.running.remove(req)
@@ -94,6 +113,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         items: list[tuple[Request, int]] = []
         preempted: list[Request] = []
+        for req in self.running:
+            self._register(req)
         # 1. running requests, oldest first; the newest are preempted when blocks run out
         for req in list(self.running):
             if req.status is not Status.RUNNING or budget == 0:
@@ -114,12 +135,23 @@ class Scheduler:
         # 2. admit waiting requests in arrival order (FCFS: the head waits rather than being overtaken)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed, budget)
-            need = self.blocks_needed(req, n)
-            if need > self.allocator.num_free:
+            # a prefix in the cache is not computed again (at least the last token is)
+            hit = self.allocator.match(req.all_ids, self.block_size, (req.num_tokens - 1) // self.block_size)
+            cached = len(hit) * self.block_size
+            n = min(req.num_tokens - cached, budget)
+            need = math.ceil((cached + n) / self.block_size) - len(hit)
+            if need + self.allocator.num_reclaimed(hit) > self.allocator.num_free:
                 break
             self.waiting.popleft()
-            req.blocks += self.allocator.allocate(need)
+            self.allocator.acquire(hit)
+            req.blocks = hit + self.allocator.allocate(need)
+            req.num_computed, req.num_registered = cached, len(hit)
+            req.cache_parent = self.allocator.key_id(hit[-1]) if hit else 0
+            if hit:
+                req.extra["draft_computed"] = 0  # a draft model's K/V there may not be its own: recomputed
+            if self.allocator.caching:
+                self.prefix_query_tokens += req.num_tokens
+                self.prefix_hit_tokens += cached
             req.status = Status.RUNNING
             self.running.append(req)
             items.append((req, n))

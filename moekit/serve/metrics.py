@@ -30,6 +30,11 @@ class ServerMetrics:
             lambda: engine.kv.allocator.num_blocks - 1)
         Gauge("moekit_preemptions", "requests preempted (recomputed) so far", registry=r).set_function(
             lambda: engine.scheduler.num_preemptions)
+        if engine.kv.allocator.caching:
+            Gauge("moekit_prefix_cache_query_tokens", "tokens of admitted requests, looked up in the prefix cache",
+                  registry=r).set_function(lambda: engine.scheduler.prefix_query_tokens)
+            Gauge("moekit_prefix_cache_hit_tokens", "tokens found in the prefix cache, not computed again",
+                  registry=r).set_function(lambda: engine.scheduler.prefix_hit_tokens)
 
         if engine.spec is not None:
             stats = engine.spec.stats

@@ -36,7 +36,8 @@ def serve_main(args) -> int:
                               num_speculative_tokens=args.num_speculative_tokens,
                               speculative_max_batch=args.speculative_max_batch,
                               prompt_lookup_max=args.prompt_lookup_max,
-                              prompt_lookup_min=getattr(args, "prompt_lookup_min", 0))
+                              prompt_lookup_min=getattr(args, "prompt_lookup_min", 0),
+                              prefix_caching=getattr(args, "enable_prefix_caching", False))
     server_cfg = ServerConfig(model_name=args.model_name, api_key=args.api_key, max_pending=args.max_pending,
                               request_timeout=args.request_timeout)
     app = build_app(args.ckpt, args.device, engine_cfg, server_cfg, args.speculative_model)
