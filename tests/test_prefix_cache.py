@@ -82,11 +82,29 @@ def test_greedy_with_prefix_caching_matches_full_recompute(case):
     st = engine.stats()
     prompt_tokens = sum(len(p) for p, _ in reqs)
     assert st["prefix_cache_query_tokens"] >= prompt_tokens and st["prefix_cache_hit_tokens"] > prompt_tokens // 4
-    # the prompts' cached tokens were not computed again (decode steps add one token a request)
-    assert sum(computed) <= st["prefix_cache_query_tokens"] - st["prefix_cache_hit_tokens"] + sum(
-        sp.max_tokens for _, sp in reqs)
     if case == "preemption":
         assert st["preemptions"] > 0
+    else:  # the prompts' cached tokens were not computed again (decode steps add one token a request)
+        assert sum(computed) == st["prefix_cache_query_tokens"] - st["prefix_cache_hit_tokens"] + sum(
+            sp.max_tokens - 1 for _, sp in reqs)
+
+
+def test_a_prefix_loses_its_tail_first_when_blocks_are_reused():
+    """A 10-block system prompt is cached; an unrelated request needs 3 of the cached blocks for
+    itself; the system prompt then still finds its first 7 blocks (freed last to first, so the
+    blocks reused are the tail's, and the head's chain stays whole)."""
+    model = get_model()
+    engine = Engine(model, None, EngineConfig(block_size=BS, kv_budget=budget_for_blocks(model, 14), prefix_caching=True))
+    rng = random.Random(2)
+    system = [rng.randrange(VOCAB) for _ in range(40)]
+    greedy = SamplingParams(max_tokens=2, temperature=0)
+    engine.generate([system + [5]], greedy)  # 42 positions: 10 full blocks registered, 11 held in all
+    engine.generate([[rng.randrange(VOCAB) for _ in range(20)]], greedy)  # 6 blocks: 3 never used + 3 cached
+    before = engine.stats()["prefix_cache_hit_tokens"]
+    (out,) = engine.generate([system + [9]], greedy)
+    assert engine.stats()["prefix_cache_hit_tokens"] - before == 7 * BS
+    assert out.output_token_ids == greedy_reference(model, system + [9], 2)
+    assert_engine_idle(engine)
 
 
 def test_prefix_caching_off_finds_nothing_and_aborts_leave_no_blocks():
@@ -117,18 +135,26 @@ def test_prefix_caching_off_finds_nothing_and_aborts_leave_no_blocks():
     assert engine.stats()["prefix_cache_hit_tokens"] > 0 and engine.stats()["preemptions"] > 0
 
 
-def test_prefix_caching_with_a_draft_model_and_seeded_sampling():
-    """Speculative decoding recomputes the draft's K/V over a cached prefix; greedy output is the
-    target's, and seeded sampling gives the same tokens with caching as without."""
-    model, draft = get_model(), get_model(seed=2)
+@pytest.mark.parametrize("proposer", ["draft", "prompt lookup"])
+def test_prefix_caching_with_speculative_decoding(proposer):
+    """A draft model recomputes its own K/V over a cached prefix; prompt lookup reads the
+    request's tokens. Either way greedy output is the target's, with caching on and off."""
+    model = get_model()
+    draft = get_model(seed=2) if proposer == "draft" else None
     reqs = _shared_prefix_requests(random.Random(5), 10)
     for on in (False, True):
         eng = Engine(model, None, EngineConfig(block_size=BS, kv_budget="1MiB", prefix_caching=on, max_num_seqs=3,
-                                               num_speculative_tokens=3), draft=draft)
+                                               num_speculative_tokens=3,
+                                               prompt_lookup_max=3 if draft is None else 0), draft=draft)
         out = eng.generate([p for p, _ in reqs], [sp for _, sp in reqs])
         assert [o.output_token_ids for o in out] == [greedy_reference(model, p, sp.max_tokens) for p, sp in reqs]
         assert eng.spec.stats.proposed > 0 and (eng.stats()["prefix_cache_hit_tokens"] > 0) == on
         assert_engine_idle(eng)
+
+
+def test_seeded_sampling_is_the_same_with_prefix_caching():
+    model = get_model()
+    reqs = _shared_prefix_requests(random.Random(5), 10)
     sampled = [SamplingParams(max_tokens=8, temperature=1.0, seed=i) for i in range(len(reqs))]
     runs = [Engine(model, None, EngineConfig(block_size=BS, kv_budget="1MiB", prefix_caching=on, max_num_seqs=2)
                    ).generate([p for p, _ in reqs], sampled) for on in (False, True)]

@@ -63,7 +63,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        # prefix caching: tokens of admitted requests, and those found in the cache
+        # prefix caching: tokens of newly admitted requests (not their recomputes after a
+        # preemption), and those found in the cache
         self.prefix_query_tokens = self.prefix_hit_tokens = 0
 
     def add(self, req: Request) -> None:
@@ -87,7 +88,9 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self._register(req)
-        self.allocator.free(req.blocks)
+        # last block first: the cache reuses the least recently freed, so a prefix's tail goes
+        # before its head (a chain without its head is never found again)
+        self.allocator.free(req.blocks[::-1])
         req.blocks, req.num_registered, req.cache_parent = [], 0, 0
 
     def _preempt(self, req: Request) -> None:
@@ -136,7 +139,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
             # a prefix in the cache is not computed again (at least the last token is)
-            hit = self.allocator.match(req.all_ids, self.block_size, (req.num_tokens - 1) // self.block_size)
+            hit = (self.allocator.match(req.all_ids, self.block_size, (req.num_tokens - 1) // self.block_size)
+                   if self.allocator.caching else [])
             cached = len(hit) * self.block_size
             n = min(req.num_tokens - cached, budget)
             need = math.ceil((cached + n) / self.block_size) - len(hit)
@@ -149,7 +153,7 @@ class Scheduler:
             req.cache_parent = self.allocator.key_id(hit[-1]) if hit else 0
             if hit:
                 req.extra["draft_computed"] = 0  # a draft model's K/V there may not be its own: recomputed
-            if self.allocator.caching:
+            if self.allocator.caching and not req.num_preemptions:  # new requests (not their recomputes)
                 self.prefix_query_tokens += req.num_tokens
                 self.prefix_hit_tokens += cached
             req.status = Status.RUNNING
