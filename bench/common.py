@@ -105,15 +105,17 @@ def decode_graph_ms(runner, rows: int) -> float | None:
     slot 0, chooses no expert and reads no expert weights). None off the GPU, if no graph ran a
     request, or if no graph serves that many rows."""
     sizes = [b for b in runner.graph_sizes if b >= rows and runner.graph_fits(b)]
-    real = [buf["stage"][0] for _, buf in runner.graphs.values() if int(buf["stage"][0, 2]) != 0]
-    if not torch.cuda.is_available() or not sizes or not real:
+    if not torch.cuda.is_available() or not sizes:
+        return None
+    real = next((buf["stage"][0] for _, buf in runner.graphs.values() if int(buf["stage"][0, 2]) != 0), None)
+    if real is None:
         return None
     b = sizes[0]
     if b not in runner.graphs:
         runner.capture_graph(b)
     graph, buf = runner.graphs[b]
     stage = buf["stage"]
-    stage[:rows] = real[0]
+    stage[:rows] = real
     g = torch.Generator().manual_seed(0)
     stage[:rows, 0] = torch.randint(1, buf["logits"].shape[-1], (rows,), generator=g).to(stage)
     stage[rows:, :5] = torch.tensor([0, 0, 0, 1, 0], dtype=stage.dtype)  # padding rows

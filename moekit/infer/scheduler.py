@@ -75,7 +75,11 @@ class Scheduler:
 
     def blocks_needed(self, req: Request, n: int) -> int:
         """New KV blocks the request needs to compute n more tokens."""
-        return max(0, math.ceil((req.num_computed + n) / self.block_size) - len(req.blocks))
+        return self._new_blocks(req.num_computed + n, len(req.blocks))
+
+    def _new_blocks(self, positions: int, held: int) -> int:
+        """Blocks to add to `held` ones for K/V at `positions` positions."""
+        return max(0, math.ceil(positions / self.block_size) - held)
 
     def _register(self, req: Request) -> None:
         """Make the request's full, computed blocks findable by later requests (prefix caching)."""
@@ -143,7 +147,7 @@ class Scheduler:
                    if self.allocator.caching else [])
             cached = len(hit) * self.block_size
             n = min(req.num_tokens - cached, budget)
-            need = math.ceil((cached + n) / self.block_size) - len(hit)
+            need = self._new_blocks(cached + n, len(hit))
             if need + self.allocator.num_reclaimed(hit) > self.allocator.num_free:
                 break
             self.waiting.popleft()
