@@ -69,7 +69,8 @@ def main():
                     help="prompt lookup: the shortest n-gram matched (0: 1 alone, 3 next to a draft)")
     ap.add_argument("--with-lookup", action="store_true",
                     help="with a draft run: prompt lookup's proposals on steps where every request finds a match")
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", default="4", help="proposals per step; a list (5,8,12) runs each against the same "
+                    "baseline run")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompts", type=int, default=8, help="at least this many prompts per batch size, in rounds of "
@@ -93,42 +94,48 @@ def main():
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = prompts_from_corpus(args.target, b * max(1, args.prompts // b), args.prompt_chars)
         rounds = [prompts[i:i + b] for i in range(0, len(prompts), b)]
-        cfg = EngineConfig(kv_budget=args.kv_budget, max_num_seqs=b, num_speculative_tokens=args.k,
+        ks = [int(x) for x in str(args.k).split(",")]
+        cfg = EngineConfig(kv_budget=args.kv_budget, max_num_seqs=b, num_speculative_tokens=ks[0],
                            speculative_max_batch=max(b, 1))
         base = Engine(target, tok, cfg)
-        base_tps, base_dec, base_out = timed(base, rounds, params, args.k)
-        spec_cfg = (dataclasses.replace(cfg, prompt_lookup_max=args.prompt_lookup_max,
-                                        prompt_lookup_min=args.prompt_lookup_min)
-                    if lookup or args.with_lookup else cfg)
-        spec_engine = Engine(target, tok, spec_cfg, draft=draft)
-        spec_tps, spec_dec, spec_out = timed(spec_engine, rounds, params, args.k)
-        st = spec_engine.spec.stats
-        # GPU time of one step alone: the target's and the draft's decode graphs with b real rows, and
-        # the step graph (draft steps + verification) with the inputs of the last step it ran
-        step = spec_engine.spec.step_graphs.get(b)
-        graphs = {"target_step_ms": decode_graph_ms(base.runner, b),
-                  "draft_step_ms": decode_graph_ms(spec_engine.spec.runner, b) if not lookup else None,
-                  "speculative_step_graph_ms": (cuda_time_ms(step[0].replay, warmup=5, iters=50)
-                                                if torch.cuda.is_available() and step is not None else None)}
+        base_tps, base_dec, base_out = timed(base, rounds, params, ks[0])
+        target_ms = decode_graph_ms(base.runner, b)
         del base
-        rows.append({**graphs, "batch": b, "decode_tok_s": base_dec, "decode_tok_s_speculative": spec_dec,
-                     "decode_speedup": spec_dec / base_dec,
-                     "tok_s": base_tps, "tok_s_speculative": spec_tps, "speedup": spec_tps / base_tps,
-                     "identical_greedy": spec_out == base_out if args.temperature == 0 else None, "acceptance_rate": st.acceptance_rate,
-                     "mean_accepted_length": st.mean_accepted_length, "accepted_at_position": st.accepted_at,
-                     "speculative_steps": st.steps, "lookup_steps": st.lookup_steps})
-        print(rows[-1], flush=True)
-        tag = gpu_tag() if torch.cuda.is_available() else "cpu"
-        path = write_result(args.name.format(gpu=tag), {"bench": "speculative", **env_info(), "target": args.target,  # after each batch
-                                                   "draft": args.draft, "with_lookup": args.with_lookup,
-                                                   "k": args.k, "new_tokens": args.new_tokens,
-                                                   "temperature": args.temperature,
-                                                   "prompts_at_least": args.prompts, "results": rows})
+        for k in ks:
+            spec_cfg = dataclasses.replace(cfg, num_speculative_tokens=k)
+            if lookup or args.with_lookup:
+                spec_cfg = dataclasses.replace(spec_cfg, prompt_lookup_max=args.prompt_lookup_max,
+                                               prompt_lookup_min=args.prompt_lookup_min)
+            spec_engine = Engine(target, tok, spec_cfg, draft=draft)
+            spec_tps, spec_dec, spec_out = timed(spec_engine, rounds, params, k)
+            st = spec_engine.spec.stats
+            # GPU time of one step alone: the target's and the draft's decode graphs with b real rows, and
+            # the step graph (draft steps + verification) with the inputs of the last step it ran
+            step = spec_engine.spec.step_graphs.get(b)
+            graphs = {"target_step_ms": target_ms,
+                      "draft_step_ms": decode_graph_ms(spec_engine.spec.runner, b) if not lookup else None,
+                      "speculative_step_graph_ms": (cuda_time_ms(step[0].replay, warmup=5, iters=50)
+                                                    if torch.cuda.is_available() and step is not None else None)}
+            del spec_engine
+            rows.append({**graphs, "batch": b, "k": k, "decode_tok_s": base_dec, "decode_tok_s_speculative": spec_dec,
+                         "decode_speedup": spec_dec / base_dec,
+                         "tok_s": base_tps, "tok_s_speculative": spec_tps, "speedup": spec_tps / base_tps,
+                         "identical_greedy": spec_out == base_out if args.temperature == 0 else None,
+                         "acceptance_rate": st.acceptance_rate,
+                         "mean_accepted_length": st.mean_accepted_length, "accepted_at_position": st.accepted_at,
+                         "speculative_steps": st.steps, "lookup_steps": st.lookup_steps})
+            print(rows[-1], flush=True)
+            tag = gpu_tag() if torch.cuda.is_available() else "cpu"
+            path = write_result(args.name.format(gpu=tag), {  # after each run
+                "bench": "speculative", **env_info(), "target": args.target, "draft": args.draft,
+                "with_lookup": args.with_lookup, "k": ks, "new_tokens": args.new_tokens,
+                "temperature": args.temperature, "prompts_at_least": args.prompts, "prompt_chars": args.prompt_chars,
+                "results": rows})
     print("decode: output tok/s after the first token; end to end: with prefill")
-    print(f"{'batch':>5s} {'decode':>8s} {'spec':>8s} {'speedup':>8s} {'e2e':>8s} {'spec':>8s} {'speedup':>8s} "
+    print(f"{'batch':>5s} {'k':>3s} {'decode':>8s} {'spec':>8s} {'speedup':>8s} {'e2e':>8s} {'spec':>8s} {'speedup':>8s} "
           f"{'accept':>7s} {'len':>5s} identical")
     for r in rows:
-        print(f"{r['batch']:5d} {r['decode_tok_s']:8.1f} {r['decode_tok_s_speculative']:8.1f} {r['decode_speedup']:8.2f} "
+        print(f"{r['batch']:5d} {r['k']:3d} {r['decode_tok_s']:8.1f} {r['decode_tok_s_speculative']:8.1f} {r['decode_speedup']:8.2f} "
               f"{r['tok_s']:8.1f} {r['tok_s_speculative']:8.1f} {r['speedup']:8.2f} "
               f"{r['acceptance_rate']:7.1%} {r['mean_accepted_length']:5.2f} {r['identical_greedy']}")
     print(f"wrote {path}")

@@ -26,15 +26,18 @@ def run(tmp_path_factory) -> Path:
     return out
 
 
-def _bench(run: Path, tmp_path: Path, draft: str, k: int) -> list[dict]:
+def _bench(run: Path, tmp_path: Path, draft: str, k: int | str) -> list[dict]:
     cmd = [sys.executable, str(ROOT / "bench" / "speculative.py"), "--target", str(run), "--draft", draft,
            "--k", str(k), "--new-tokens", "9", "--prompt-chars", "60", "--batches", "1,2", "--prompts", "2", "--kv-budget", "8MiB",
            "--device", "cpu", "--name", "spec_{gpu}"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "spec_cpu.json").read_text())
-    assert res["k"] == k and res["draft"] == draft and [row["batch"] for row in res["results"]] == [1, 2]
+    ks = [int(x) for x in str(k).split(",")]
+    assert res["k"] == ks and res["draft"] == draft
+    assert [(row["batch"], row["k"]) for row in res["results"]] == [(b, k) for b in (1, 2) for k in ks]
     for row in res["results"]:
+        k = row["k"]
         assert row["identical_greedy"] is True
         assert row["target_step_ms"] is None and row["speculative_step_graph_ms"] is None  # GPU figures
         assert 0 <= row["acceptance_rate"] <= 1 and len(row["accepted_at_position"]) == k
@@ -49,5 +52,6 @@ def test_the_target_as_its_own_draft_is_always_accepted(run, tmp_path):
 
 
 def test_prompt_lookup_bench_runs(run, tmp_path):
-    rows = _bench(run, tmp_path, "ngram", k=2)
+    rows = _bench(run, tmp_path, "ngram", k="2,5")  # two k against one baseline run per batch
     assert all(row["draft_step_ms"] is None for row in rows)
+    assert rows[0]["decode_tok_s"] == rows[1]["decode_tok_s"] and rows[2]["decode_tok_s"] == rows[3]["decode_tok_s"]
