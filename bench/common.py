@@ -97,6 +97,7 @@ def hf_mixtral(cfg, impl: str, dtype=None, **extra):
     return model.to(dtype) if dtype is not None else model
 
 
+@torch.inference_mode()
 def decode_graph_ms(runner, rows: int) -> float | None:
     """Median GPU milliseconds of one replay of the decode graph a step of `rows` requests uses
     (CUDA events around each replay), with `rows` real rows: copies of the last real row any of the
