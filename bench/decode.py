@@ -168,17 +168,18 @@ def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, 
                   pdl: bool = True, prefetch: bool = False, rope: bool = True):
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
     graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch;
-    prefetch=True has the early-launched projections prefetch the start of their weights into L2;
+    prefetch=True has each layer's expert down projection ask L2 for the next layer's attention
+    weights while the experts stream theirs evict-first (fused_decode.PREFETCH_NEXT);
     rope=False runs the rotary embedding and K/V store as a kernel of their own (each variant tunes
     its own projection tiles, so greedy tokens may differ where a tie falls differently)."""
     from moekit.infer import fused_decode, triton_sync
 
-    was = triton_sync.ENABLED, fused_decode.PREFETCH_K, fused_decode.FUSED_ROPE
-    triton_sync.ENABLED, fused_decode.PREFETCH_K, fused_decode.FUSED_ROPE = pdl, (1024 if prefetch else 0), rope
+    was = triton_sync.ENABLED, fused_decode.PREFETCH_NEXT, fused_decode.FUSED_ROPE
+    triton_sync.ENABLED, fused_decode.PREFETCH_NEXT, fused_decode.FUSED_ROPE = pdl, prefetch, rope
     try:
         return _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile)
     finally:
-        triton_sync.ENABLED, fused_decode.PREFETCH_K, fused_decode.FUSED_ROPE = was
+        triton_sync.ENABLED, fused_decode.PREFETCH_NEXT, fused_decode.FUSED_ROPE = was
 
 
 def _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile):
@@ -271,6 +272,7 @@ def main():
     agree = next((i for i, (a, b) in enumerate(zip(fused, unfused)) if a != b), same)
     pdl_same = fused == tokens["moekit-fused-no-pdl"] if "moekit-fused-no-pdl" in tokens else None
     rope_same = fused == tokens["moekit-fused-separate-rope"] if "moekit-fused-separate-rope" in tokens else None
+    prefetch_same = fused == tokens["moekit-fused-prefetch"] if "moekit-fused-prefetch" in tokens else None
     for impl in [s for s in args.hf_impls.split(",") if s]:
         try:
             results[f"hf-{impl}"] = hf_decode(cfg, prompt.cuda(), args.new_tokens, impl)
@@ -284,6 +286,7 @@ def main():
                "greedy_tokens_identical_prefix_fused_vs_unfused": agree,
                "greedy_tokens_identical_pdl_vs_no_pdl": pdl_same,
                "greedy_tokens_identical_rope_in_qkv_vs_separate": rope_same,
+               "greedy_tokens_identical_prefetch_vs_not": prefetch_same,
                "decode_graph_ms_by_batch": step_ms, "kernels_batch1": kernels,
                "decode_graph_fraction_of_roofline": {k: 1e3 / v[1] / roofline for k, v in step_ms.items()
                                                      if v.get(1) is not None},
@@ -304,7 +307,8 @@ def main():
     for k, v in results.items():
         print(f"  {k:24s} " + (f"{v:8.1f} tok/s  {v / roofline:6.1%} of roofline" if isinstance(v, float) else v))
     print(f"greedy tokens identical (fused vs unfused): first {agree} of {same}; "
-          f"fused with PDL vs without: {pdl_same}; rope in the QKV projection vs its own kernel: {rope_same}")
+          f"fused with PDL vs without: {pdl_same}; rope in the QKV projection vs its own kernel: {rope_same}; "
+          f"with next-layer prefetch vs without: {prefetch_same}")
     print(f"wrote {path}")
 
 

@@ -155,6 +155,29 @@ def test_fused_step_matches_model_path_at_real_widths(shape, dtype):
         assert err < (1e-4 if dtype == torch.float32 else 3e-2), (B, err)
 
 
+def test_next_layer_prefetch_changes_no_bits(monkeypatch):
+    """The expert down projection asking L2 for the next layer's weights (and the experts' evict-first
+    loads) is a cache hint: the same logits, bit for bit, as without, at 1 and 3 rows."""
+    import moekit.infer.fused_decode as fd
+    from moekit.infer.kv_cache import PagedKVCache
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**CFG, "vocab_size": 512, "d_model": 512, "n_heads": 8, "n_kv_heads": 1,
+                                       "ffn_dim": 1024, "n_experts": 4, "top_k": 2})).cuda().bfloat16().eval()
+    kv = PagedKVCache(model.cfg, num_blocks=9, block_size=64, device="cuda", dtype=torch.bfloat16)
+    kv.k.normal_()
+    kv.v.normal_()
+    for B in (1, 3):
+        args = (torch.randint(0, 512, (B,), device="cuda"), torch.full((B,), 70, device="cuda"),
+                torch.arange(B, device="cuda") + 64 * 2 + 6, torch.arange(1, 9, device="cuda", dtype=torch.int32).view(
+                    1, 8).expand(B, 8).contiguous(), torch.full((B,), 71, dtype=torch.int32, device="cuda"))
+        out = {}
+        for on in (False, True):
+            monkeypatch.setattr(fd, "PREFETCH_NEXT", on)
+            out[on] = fd.FusedDecoder(model, kv.k, kv.v)(*args)
+        assert torch.equal(out[False], out[True])
+
+
 @pytest.mark.parametrize("K,N", [(2048, 3072), (2048, 2048), (1024, 1536), (2048, 32000)])
 def test_norm_linear_tuned_splits_are_deterministic_and_batch_invariant(K, N):
     """The tuned projection (splits of K reduced by their last program, in a fixed order): against

@@ -37,9 +37,11 @@ from moekit.infer.triton_paged import paged_decode_triton
 from moekit.infer.triton_rope import _rope_finish, _rope_row, _rope_store
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# projections launched early prefetch this many columns of their weight rows into L2 (0: off, the
-# default: it measured slower on H100; MOEKIT_PREFETCH=1024 turns it on)
-PREFETCH_K = int(os.environ.get("MOEKIT_PREFETCH", "0"))
+# the expert down projection of each layer, once its own work is done, asks L2 for the next layer's
+# attention weights (QKV, output projection; the LM head's start after the last layer), and the
+# experts stream their weights with evict-first loads so that what was fetched stays: the small,
+# latency-bound attention kernels then read from L2 (MOEKIT_PREFETCH_NEXT=1: on)
+PREFETCH_NEXT = os.environ.get("MOEKIT_PREFETCH_NEXT", "0") != "0"
 # the rotary embedding and K/V store at the end of the QKV projection (MOEKIT_FUSED_ROPE=0: a
 # kernel of their own, one launch more per layer)
 FUSED_ROPE = os.environ.get("MOEKIT_FUSED_ROPE", "1") != "0"
@@ -62,12 +64,16 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def _prefetch_share(w_ptr, n, nmask, stride_wn, k_lo, k_hi, K, BK: tl.constexpr, LINE: tl.constexpr):
-    """Prefetch rows n, columns k_lo ... k_hi of w into L2, one request per line of LINE elements."""
-    nn = tl.where(nmask, n, 0)
-    for k0 in range(k_lo, k_hi, BK):
-        kk = tl.minimum(k0 + tl.arange(0, BK // LINE) * LINE, K - 1)
-        _prefetch_l2(w_ptr + nn[:, None] * stride_wn + kk[None, :])
+def _prefetch_range(ptr, n, part, parts, LINE: tl.constexpr, CHUNK: tl.constexpr):
+    """Ask L2 for this program's share (part of parts) of elements 0 ... n - 1 of ptr: one request
+    per line of LINE elements, CHUNK requests at a time."""
+    lines = tl.cdiv(n, LINE)
+    per = tl.cdiv(lines, parts)
+    lo = part * per
+    hi = tl.minimum(lo + per, lines)
+    for l0 in range(lo, hi, CHUNK):
+        ll = tl.minimum(l0 + tl.arange(0, CHUNK), hi - 1)
+        _prefetch_l2(ptr + ll.to(tl.int64) * LINE)
 
 
 @triton.jit
@@ -92,8 +98,7 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
                  pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
                  NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-                 PDL: tl.constexpr, LINE: tl.constexpr = 64, PREFETCH_K: tl.constexpr = 0,
-                 ROPE: tl.constexpr = False, H: tl.constexpr = 1, HKV: tl.constexpr = 1, HALF: tl.constexpr = 1):
+                 PDL: tl.constexpr, ROPE: tl.constexpr = False, H: tl.constexpr = 1, HKV: tl.constexpr = 1, HALF: tl.constexpr = 1):
     """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM. All rows of a BM
     block share each weight tile (tl.dot on rows padded to BM). ACCUM adds into out; otherwise
     out is overwritten.
@@ -103,9 +108,6 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
     the last of a tile's SPLIT_K programs to arrive adds the shares in the order 0 ... SPLIT_K - 1
     (whoever arrives last, the same sum: deterministic) and resets the count. One launch, no
     atomically added values.
-
-    Launched early (PDL), a program first asks L2 for the start of its weight share, which does
-    not depend on the kernel before it, and then waits for that kernel.
 
     ROPE (the fused QKV projection of H query and HKV key/value heads of 2 HALF): the columns come
     in rotary pairs (triton_rope._rope_row) and the tile's finish rotates them and writes q, k and
@@ -120,9 +122,6 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
     wn = _rope_row(n, H + HKV, HALF) if ROPE else n  # the weight row of each column
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
-    if PDL and PREFETCH_K > 0:
-        _prefetch_share(w_ptr, wn, nmask, stride_wn, k_lo, tl.minimum(k_lo + k_per, tl.minimum(K, k_lo + PREFETCH_K)),
-                        K, BK, LINE)
     gdc(PDL)
     acc = tl.zeros([BM, BN], tl.float32)
     ss = tl.zeros([BM], tl.float32)
@@ -220,8 +219,7 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     ptrs = rope[:7] if rope is not None else (x,) * 7
     args = (x, g if g is not None else x, w, out, part, sem, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0),
             *ptrs)
-    kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, LINE=128 // w.element_size(),
-              PREFETCH_K=PREFETCH_K, **pdl_kw(x))
+    kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, **pdl_kw(x))
     if rope is not None:
         pos, cos, _, slots, q, kc, vc, H, Hkv = rope
         hd = N // (H + 2 * Hkv)
@@ -328,7 +326,7 @@ def _silu_store(h_ptr, rows, n, mask, F, a1, a3):
 @triton.jit
 def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, h_ptr, sem_ptr, R, K, F, stride_we, TOPK: tl.constexpr,
                RP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+               SPLIT_K: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = ""):
     """Program (expert e, block of F, share of K): xn[r // TOPK] @ w1[e] and @ w3[e] over the share
     for the assignments r routed to e, BM rows per tensor-core tile, into part [SPLIT_K, 2, R, F];
     the last of the tile's SPLIT_K programs to arrive adds the shares in order 0 ... SPLIT_K - 1 and
@@ -355,9 +353,9 @@ def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, h_ptr, sem_ptr, R, K, 
                         other=0.0)
             off = w_e + kk[:, None] * F + n[None, :]
             m = kmask[:, None] & nmask[None, :]
-            w1 = tl.load(w1_ptr + off, mask=m, other=0.0)
+            w1 = tl.load(w1_ptr + off, mask=m, other=0.0, eviction_policy=EVICT)
             acc1 = _dot(x.to(w1.dtype), w1, acc1, IEEE)
-            acc3 = _dot(x.to(w1.dtype), tl.load(w3_ptr + off, mask=m, other=0.0), acc3, IEEE)
+            acc3 = _dot(x.to(w1.dtype), tl.load(w3_ptr + off, mask=m, other=0.0, eviction_policy=EVICT), acc3, IEEE)
         omask = valid[:, None] & nmask[None, :]
         if SPLIT_K == 1:
             _silu_store(h_ptr, rows, n, omask, F, acc1, acc3)
@@ -382,12 +380,18 @@ def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, h_ptr, sem_ptr, R, K, 
 
 @triton.jit
 def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, B, R, F, D, stride_we, stride_ob,
+                 nx1_ptr, nx1_n, nx2_ptr, nx2_n,
                  TOPK: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+                 BK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = "",
+                 NEXT: tl.constexpr = False, LINE: tl.constexpr = 64):
     """Program (expert e, block of D, share of F): part[share, r] = h[r] @ w2[e] over the share,
     for the assignments r routed to e (tiles of BM rows, as in _expert_up). The last of the E *
     SPLIT_K programs of a block of D to arrive adds, for every row b, out[b] += sum_j gate[b, j]
-    sum_s part[s, b * TOPK + j] in this order (the same numbers whatever the batch)."""
+    sum_s part[s, b * TOPK + j] in this order (the same numbers whatever the batch).
+
+    NEXT: each program, its own sums written, asks L2 for its share of nx1 and nx2 (nx1_n and
+    nx2_n elements, LINE to a 128-byte line): the weights the next kernels read. A program whose
+    expert no row chose does this at once."""
     gdc(PDL)
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -406,9 +410,14 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, 
             kmask = kk < F
             hk = tl.load(h_ptr + rows[:, None] * F + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w2_ptr + w_e + kk[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
-                        other=0.0)
+                        other=0.0, eviction_policy=EVICT)
             acc = _dot(hk.to(w.dtype), w, acc, IEEE)
         tl.store(part_ptr + (pid_k * R + rows)[:, None] * D + n[None, :], acc, mask=valid[:, None] & nmask[None, :])
+    if NEXT:
+        part = (e * tl.num_programs(1) + pid_n) * SPLIT_K + pid_k
+        parts = tl.num_programs(0) * tl.num_programs(1) * SPLIT_K
+        _prefetch_range(nx1_ptr, nx1_n, part, parts, LINE, 128)
+        _prefetch_range(nx2_ptr, nx2_n, part, parts, LINE, 128)
     if last_to_arrive(sem_ptr, pid_n, tl.num_programs(0) * SPLIT_K):
         for b0 in range(0, B, BM):
             b = b0 + tl.arange(0, BM)
@@ -452,7 +461,8 @@ def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.T
     h = torch.empty(R, F, device=xn.device, dtype=w1.dtype)
     sem = tile_counters(xn.device, E * triton.cdiv(F, 32))
     args = (xn, ids, w1, w3, part, h, sem, R, K, F, w1.stride(0))
-    kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w1.dtype == torch.float32, **pdl_kw(xn))
+    kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w1.dtype == torch.float32,
+              EVICT="evict_first" if PREFETCH_NEXT else "", **pdl_kw(xn))
     if _INTERPRET or not xn.is_cuda:
         _expert_up[(E, triton.cdiv(F, 32), split_k)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=split_k)
     else:
@@ -461,15 +471,21 @@ def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.T
 
 
 def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: torch.Tensor, out: torch.Tensor,
-                split_k: int = 2) -> None:
-    """h: [B * topk, F]; ids, gates: [B, topk]; w2: [E, F, D]; out [B, D] float32 += the gated sum."""
+                split_k: int = 2, prefetch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """h: [B * topk, F]; ids, gates: [B, topk]; w2: [E, F, D]; out [B, D] float32 += the gated sum.
+    prefetch: two tensors (of the weights' dtype) the kernel asks L2 for once its sums are out, on
+    GPU (Triton's interpreter has no prefetch: there it is ignored)."""
     B, topk = ids.shape
     E, F, D = w2.shape
     R = B * topk
     assert 1 <= split_k <= 16, "split_k: 1 ... 16 (the partial sums are sized for 16)"
     part = torch.empty(16, R, D, device=h.device, dtype=torch.float32)  # room for the largest F split
-    args = (h, ids, gates, w2, part, out, tile_counters(h.device, triton.cdiv(D, 32)), B, R, F, D, w2.stride(0), out.stride(0))
-    kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w2.dtype == torch.float32, **pdl_kw(h))
+    sem = tile_counters(h.device, triton.cdiv(D, 32))
+    nxt = prefetch is not None and h.is_cuda and not _INTERPRET
+    p1, p2 = prefetch if nxt else (w2, w2)
+    args = (h, ids, gates, w2, part, out, sem, B, R, F, D, w2.stride(0), out.stride(0), p1, p1.numel(), p2, p2.numel())
+    kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w2.dtype == torch.float32, NEXT=nxt,
+              LINE=128 // p1.element_size(), EVICT="evict_first" if nxt else "", **pdl_kw(h))
     if _INTERPRET or not h.is_cuda:
         _expert_down[(E, triton.cdiv(D, 32), split_k)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=split_k)
     else:
@@ -530,6 +546,16 @@ class FusedDecoder:
                 return False
         return True
 
+    def _next_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the kernels after layer i's experts read first: the next layer's QKV and output
+        projection weights, or after the last layer the LM head's first rows (as many bytes)."""
+        m = self.model
+        if i + 1 < len(m.blocks):
+            return self.wqkv[i + 1], m.blocks[i + 1].attn.wo.weight
+        head = m.lm_head.weight.view(-1)
+        n = min(head.numel(), self.wqkv[0].numel() + m.blocks[0].attn.wo.weight.numel())
+        return head[:n // 2], head[n // 2:n]
+
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor) -> torch.Tensor:
         """ids, pos, slots: [B] (int32 or int64); tables: [B, max_blocks] int32; lens: [B] int32 -> logits
@@ -564,6 +590,6 @@ class FusedDecoder:
                          BK=min(triton.next_power_of_2(c.d_model), max(16, 16384 // ep)), TOPK=c.top_k, RENORM=c.renorm_gates,
                          num_warps=8, **pdl_kw(x))
             h = expert_up(xn, ids32, moe.experts.w1, moe.experts.w3)  # [B * k, f]
-            expert_down(h, ids32, gates, moe.experts.w2, x)
+            expert_down(h, ids32, gates, moe.experts.w2, x, prefetch=self._next_weights(i) if PREFETCH_NEXT else None)
         return norm_linear(x, m.lm_head.weight, m.norm.weight, m.norm.eps,
                            out=torch.empty(B, c.vocab_size, device=x.device, dtype=torch.float32))
