@@ -165,21 +165,23 @@ def tuned_configs() -> dict:
 
 
 def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, fused: bool, compile: bool = False,
-                  pdl: bool = True, prefetch: bool = False, rope: bool = True):
+                  pdl: bool = True, prefetch: bool = False, rope: bool = True, route_in_wo: bool = False):
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
     graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch;
     prefetch=True has each layer's expert down projection ask L2 for the next layer's attention
     weights while the experts stream theirs evict-first (fused_decode.PREFETCH_NEXT);
     rope=False runs the rotary embedding and K/V store as a kernel of their own (each variant tunes
-    its own projection tiles, so greedy tokens may differ where a tie falls differently)."""
-    from moekit.infer import fused_decode, triton_sync
+    its own projection tiles, so greedy tokens may differ where a tie falls differently);
+    route_in_wo=True routes each layer's rows at the end of its output projection."""
+    from moekit.infer import fused_decode, triton_route, triton_sync
 
-    was = triton_sync.ENABLED, fused_decode.PREFETCH_NEXT, fused_decode.FUSED_ROPE
-    triton_sync.ENABLED, fused_decode.PREFETCH_NEXT, fused_decode.FUSED_ROPE = pdl, prefetch, rope
+    was = triton_sync.ENABLED, fused_decode.PREFETCH_NEXT, fused_decode.FUSED_ROPE, triton_route.ROUTE_IN_WO
+    triton_sync.ENABLED, fused_decode.PREFETCH_NEXT, fused_decode.FUSED_ROPE, triton_route.ROUTE_IN_WO = (
+        pdl, prefetch, rope, route_in_wo)
     try:
         return _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile)
     finally:
-        triton_sync.ENABLED, fused_decode.PREFETCH_NEXT, fused_decode.FUSED_ROPE = was
+        triton_sync.ENABLED, fused_decode.PREFETCH_NEXT, fused_decode.FUSED_ROPE, triton_route.ROUTE_IN_WO = was
 
 
 def _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile):
@@ -215,11 +217,12 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also run the model path compiled inside the CUDA graphs")
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--profile", action="store_true", help="print the kernel table of the fused decode step")
-    ap.add_argument("--variants", default="fused-separate-rope,fused-no-pdl,unfused",
+    ap.add_argument("--variants", default="fused-prefetch,fused-route-in-wo,fused-prefetch-route-in-wo,fused-no-pdl,unfused",
                     help="engine variants timed beside moekit-fused (comma-separated; empty: none)")
     args = ap.parse_args()
     variants = {v for v in args.variants.split(",") if v} | ({"unfused-compiled"} if args.compile else set())
-    if variants - {"fused-prefetch", "fused-no-pdl", "fused-separate-rope", "unfused", "unfused-compiled"}:
+    if variants - {"fused-prefetch", "fused-route-in-wo", "fused-prefetch-route-in-wo", "fused-no-pdl",
+                   "fused-separate-rope", "unfused", "unfused-compiled"}:
         ap.error(f"unknown --variants: {args.variants}")
 
     numerics = check_paged_kernel()
@@ -237,6 +240,8 @@ def main():
 
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     runs = {"moekit-fused": dict(fused=True), "moekit-fused-prefetch": dict(fused=True, prefetch=True),
+            "moekit-fused-route-in-wo": dict(fused=True, route_in_wo=True),
+            "moekit-fused-prefetch-route-in-wo": dict(fused=True, prefetch=True, route_in_wo=True),
             "moekit-fused-no-pdl": dict(fused=True, pdl=False), "moekit-fused-separate-rope": dict(fused=True, rope=False),
             "moekit-unfused": dict(fused=False)}
     if args.compile:
@@ -287,6 +292,7 @@ def main():
                "greedy_tokens_identical_pdl_vs_no_pdl": pdl_same,
                "greedy_tokens_identical_rope_in_qkv_vs_separate": rope_same,
                "greedy_tokens_identical_prefetch_vs_not": prefetch_same,
+               "greedy_tokens_identical_to_fused": {k: v == fused for k, v in tokens.items() if k != "moekit-fused"},
                "decode_graph_ms_by_batch": step_ms, "kernels_batch1": kernels,
                "decode_graph_fraction_of_roofline": {k: 1e3 / v[1] / roofline for k, v in step_ms.items()
                                                      if v.get(1) is not None},
@@ -309,6 +315,7 @@ def main():
     print(f"greedy tokens identical (fused vs unfused): first {agree} of {same}; "
           f"fused with PDL vs without: {pdl_same}; rope in the QKV projection vs its own kernel: {rope_same}; "
           f"with next-layer prefetch vs without: {prefetch_same}")
+    print("greedy tokens identical to moekit-fused:", {k: v == fused for k, v in tokens.items() if k != "moekit-fused"})
     print(f"wrote {path}")
 
 

@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--kv-budget", default="64MiB", help="KV cache size: bytes (e.g. 2GiB) or a fraction of free GPU memory")
     gen.add_argument("--speculative-model", default=None, metavar="RUN", help="a smaller model with the same tokenizer")
-    gen.add_argument("--num-speculative-tokens", type=int, default=4)
+    gen.add_argument("--num-speculative-tokens", type=int, default=4, help="proposals per step (default 4; with prompt lookup "
+                     "alone on a GPU MoE target longer runs pay: 12 measured best, bench/results)")
     gen.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
                      help="speculate from history: propose what followed the last N (down to --prompt-lookup-min) "
                           "tokens earlier; with --speculative-model, on steps where every request finds a match")
@@ -307,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the K/V of whole blocks of earlier prompts (a shared system prompt) for later requests")
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     srv.add_argument("--speculative-model", default=None, metavar="RUN", help="draft model for speculative decoding")
-    srv.add_argument("--num-speculative-tokens", type=int, default=4)
+    srv.add_argument("--num-speculative-tokens", type=int, default=4, help="proposals per step (default 4; with prompt lookup "
+                     "alone on a GPU MoE target longer runs pay: 12 measured best, bench/results)")
     srv.add_argument("--speculative-max-batch", type=int, default=8, help="no speculation above this many requests")
     srv.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
                      help="speculate from history: propose what followed the last N (down to --prompt-lookup-min) "

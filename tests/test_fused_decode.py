@@ -130,6 +130,27 @@ def test_experts_against_float64(split_k):
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_experts_launch_only_the_chosen():
+    """Fewer assignments than experts: the grid has a row of programs per assignment (here 4 for 8
+    experts), each serving the next-lowest chosen expert (2, then 5), the rest none; a padding row
+    (expert ids -1) is left as it was. Against a float64 per-assignment loop."""
+    g = torch.Generator().manual_seed(0)
+    K, F, D, E = 40, 72, 40, 8
+    xn = torch.randn(2, K, generator=g)
+    w1, w3 = torch.randn(E, K, F, generator=g) / 6, torch.randn(E, K, F, generator=g) / 6
+    w2 = torch.randn(E, F, D, generator=g) / 8
+    ids = torch.tensor([[5, 2], [-1, -1]], dtype=torch.int32)
+    gates = torch.tensor([[0.7, 0.3], [0.0, 0.0]])
+    out0 = torch.randn(2, D, generator=g)
+    out = out0.clone()
+    expert_down(expert_up(xn, ids, w1, w3), ids, gates, w2, out)
+    x = xn[0].double()
+    ref = out0[0].double() + sum(float(gates[0, j]) * ((torch.nn.functional.silu(x @ w1[e].double()) * (x @ w3[e].double()))
+                                                       @ w2[e].double()) for j, e in enumerate((5, 2)))
+    torch.testing.assert_close(out[0].double(), ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out[1], out0[1])
+
+
 @pytest.mark.parametrize("Hkv", [1, 2])
 def test_paged_attention_merges_its_splits(Hkv):
     """Paged decode attention with the context over several splits (the last program of a row's
@@ -210,12 +231,34 @@ def test_rope_in_the_projection_gives_the_separate_kernels_bits(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_routing_in_the_output_projection_matches_its_own_kernel(monkeypatch):
+    """A decode step of 3 rows with the routing at the end of the output projection and in a kernel
+    of its own: the same logits (float32) and cache."""
+    from moekit.infer import triton_route
+
+    model = _model(n_experts=6, top_k=2)
+    results = []
+    for in_wo in (True, False):
+        monkeypatch.setattr(triton_route, "ROUTE_IN_WO", in_wo)
+        kv = PagedKVCache(model.cfg, num_blocks=12, block_size=BS, device="cpu", dtype=torch.float32)
+        g = torch.Generator().manual_seed(4)
+        kv.k.copy_(torch.randn(kv.k.shape, generator=g))
+        kv.v.copy_(torch.randn(kv.v.shape, generator=g))
+        tables = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=torch.int32)
+        lens = torch.tensor([6, 11, 2])
+        logits = FusedDecoder(model, kv.k, kv.v)(torch.tensor([3, 9, 1]), lens,
+                                                 torch.tensor([2 * BS + 2, 6 * BS + 3, 7 * BS + 2]), tables, lens.int() + 1)
+        results.append((logits, kv.k.clone(), kv.v.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("bk", [16, 64])
 def test_route_against_float64(bk):
     """RMSNorm + router + softmax + top-2 with renormalised gates, in one tile (bk = d) or over
     several: the normed rows, the chosen experts and their gates against float64; a padding row
     (K/V slot 0) chooses no expert."""
-    from moekit.infer.fused_decode import _route
+    from moekit.infer.triton_route import _route
 
     g = torch.Generator().manual_seed(bk)
     B, d, E, topk = 6, 64, 5, 2
@@ -233,6 +276,39 @@ def test_route_against_float64(bk):
     real = slots != 0
     assert torch.equal(ids[real].long(), top_ids[real]) and (ids[~real] == -1).all() and (gates[~real] == 0).all()
     torch.testing.assert_close(gates[real].double(), (top / top.sum(-1, keepdim=True))[real], rtol=1e-5, atol=1e-5)
+
+
+def _route_ref(x: torch.Tensor, gamma: torch.Tensor, wr: torch.Tensor, topk: int):
+    xd = x.double()
+    xn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
+    top, top_ids = torch.softmax(xn @ wr.double().T, -1).topk(topk, -1)
+    return xn, top_ids, top / top.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_output_projection_routes_its_rows(split_k):
+    """Routing at the end of the output projection (MOEKIT_ROUTE_IN_WO): the last program to finish
+    a block of 16 residual rows routes them, so 20 rows are two blocks. The residual, the normed
+    rows, the chosen experts and their gates against float64; a padding row chooses no expert."""
+    from moekit.infer.triton_route import route_args
+
+    g = torch.Generator().manual_seed(split_k)
+    B, K, d, E, topk = 20, 48, 64, 5, 2
+    y, wo = torch.randn(B, K, generator=g), torch.randn(d, K, generator=g) / 4
+    x0 = torch.randn(B, d, generator=g)
+    gamma, wr = torch.rand(d, generator=g) + 0.5, torch.randn(E, d, generator=g)
+    xn, ids, gates = torch.empty(B, d), torch.empty(B, topk, dtype=torch.int32), torch.empty(B, topk)
+    slots = torch.arange(1, B + 1)
+    slots[17] = 0  # padding
+    x = x0.clone()
+    norm_linear(y, wo, out=x, accumulate=True, split_k=split_k,
+                route=route_args(x, gamma, wr, xn, ids, gates, slots, 1e-5, True))
+    torch.testing.assert_close(x.double(), x0.double() + y.double() @ wo.double().T, rtol=1e-5, atol=1e-5)
+    ref_xn, ref_ids, ref_gates = _route_ref(x, gamma, wr, topk)
+    torch.testing.assert_close(xn.double(), ref_xn, rtol=1e-5, atol=1e-5)
+    real = slots != 0
+    assert torch.equal(ids[real].long(), ref_ids[real]) and (ids[~real] == -1).all() and (gates[~real] == 0).all()
+    torch.testing.assert_close(gates[real].double(), ref_gates[real], rtol=1e-5, atol=1e-5)
 
 
 def test_a_rows_logits_do_not_depend_on_the_batch():

@@ -1,27 +1,22 @@
 """The fused decode kernels compile for Hopper (sm_90) with the options the GPU step launches them
-with: programmatic dependent launch, the rotary embedding in the QKV projection, and the next
-layer's weights asked of L2 by the expert down projection while the experts stream theirs
-evict-first. The interpreter runs the kernels' arithmetic (test_fused_decode.py) but not their
-GPU-only instructions; this builds PTX for them on the CPU and checks that those instructions
-are in it."""
+with: programmatic dependent launch, the rotary embedding in the QKV projection, the routing at
+the end of the output projection, and the next layer's weights asked of L2 by the expert down
+projection while the experts stream theirs evict-first. The interpreter runs the kernels'
+arithmetic (test_fused_decode.py) but not their GPU-only instructions; this builds PTX for them on
+the CPU and checks that those instructions are in it.
+
+The builds run in a child process: once a test module has switched Triton to its interpreter
+(TRITON_INTERPRET=1), this process's kernels are interpreted functions, which do not compile."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-
-triton = pytest.importorskip("triton")
-from moekit.infer import fused_decode as fd  # noqa: E402
-
-
-def _compile(fn, types: dict, consts: dict, **options):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = {**types, **{c: "constexpr" for c in consts}}
-    try:
-        return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
-    except (ImportError, FileNotFoundError, RuntimeError) as e:
-        if "ptxas" in str(e) or "libdevice" in str(e) or isinstance(e, (ImportError, FileNotFoundError)):
-            pytest.skip(f"no CUDA toolchain for Triton here: {e}")
-        raise
 
 
 def _ptr(names: str, t: str) -> dict:
@@ -29,34 +24,94 @@ def _ptr(names: str, t: str) -> dict:
 
 
 DOWN = {**_ptr("h_ptr", "*bf16"), **_ptr("ids_ptr", "*i32"), **_ptr("gates_ptr", "*fp32"), **_ptr("w2_ptr", "*bf16"),
-        **_ptr("part_ptr out_ptr", "*fp32"), **_ptr("sem_ptr", "*i32"), **_ptr("B R F D stride_we stride_ob", "i32"),
+        **_ptr("part_ptr out_ptr", "*fp32"), **_ptr("sem_ptr", "*i32"), **_ptr("B R F D E stride_we stride_ob", "i32"),
         "nx1_ptr": "*bf16", "nx1_n": "i32", "nx2_ptr": "*bf16", "nx2_n": "i32"}
 UP = {**_ptr("xn_ptr", "*bf16"), **_ptr("ids_ptr", "*i32"), **_ptr("w1_ptr w3_ptr", "*bf16"), "part_ptr": "*fp32",
-      "h_ptr": "*bf16", "sem_ptr": "*i32", **_ptr("R K F stride_we", "i32")}
+      "h_ptr": "*bf16", "sem_ptr": "*i32", **_ptr("R K F E stride_we", "i32")}
 LINEAR = {"x_ptr": "*fp32", **_ptr("g_ptr w_ptr out_ptr", "*bf16"), "part_ptr": "*fp32", "sem_ptr": "*i32",
           **_ptr("B K N", "i32"), "eps": "fp32", **_ptr("stride_xb stride_wn stride_ob", "i32"), "pos_ptr": "*i64",
-          **_ptr("cos_ptr sin_ptr", "*bf16"), "slot_ptr": "*i64", **_ptr("q_ptr k_ptr v_ptr", "*bf16")}
+          **_ptr("cos_ptr sin_ptr", "*bf16"), "slot_ptr": "*i64", **_ptr("q_ptr k_ptr v_ptr", "*bf16"),
+          **_ptr("rg_ptr rw_ptr rxn_ptr", "*bf16"), "rids_ptr": "*i32", "rgates_ptr": "*fp32", "rslots_ptr": "*i64",
+          "rsem_ptr": "*i32", "RE": "i32", "r_eps": "fp32"}
+EXPERT = dict(TOPK=2, RP=16, EP=8, IEEE=False, BM=16, BN=128, BK=64, PDL=True)
+PROJ = dict(BM=16, BN=64, BK=128, USE_DOT=True, IEEE=False, PDL=True)
+
+# name -> (kernel, argument types, constants, num_warps, num_stages)
+BUILDS = {
+    "down_next": ("_expert_down", DOWN, dict(EXPERT, SPLIT_K=4, EVICT="evict_first", NEXT=True, LINE=64), 4, 3),
+    "down_plain": ("_expert_down", DOWN, dict(EXPERT, SPLIT_K=4, EVICT="", NEXT=False, LINE=64), 4, 3),
+    "up_evict_first": ("_expert_up", UP, dict(EXPERT, SPLIT_K=2, EVICT="evict_first"), 4, 3),
+    "qkv_rope": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=8, ROPE=True, H=16, HKV=4, HALF=64), 4, 4),
+    "qkv": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=8, ROPE=False), 4, 4),
+    **{f"wo_route_split{sk}": ("_norm_linear", {**LINEAR, "x_ptr": "*bf16", "out_ptr": "*fp32"},
+                               dict(PROJ, NORM=False, ACCUM=True, SPLIT_K=sk, ROUTE=True, EP=8, RBK=2048, TOPK=2,
+                                    RENORM=True), 4, 4) for sk in (1, 4)},
+}
+MARKS = ("prefetch.global.L2", "evict_first", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "atom")
+
+
+def _build_all() -> dict:
+    """In the child process: build each entry of BUILDS for sm_90; which marks its PTX holds."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from moekit.infer import fused_decode as fd
+
+    out = {}
+    for name, (kernel, types, consts, warps, stages) in BUILDS.items():
+        sig = {**types, **{c: "constexpr" for c in consts}}
+        try:
+            k = triton.compile(ASTSource(getattr(fd, kernel), sig, consts), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps, "num_stages": stages})
+        except Exception as e:  # reported by name to the test, which fails on it (or skips without ptxas)
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            continue
+        out[name] = {m: m in k.asm["ptx"] for m in MARKS}
+    return out
+
+
+@pytest.fixture(scope="module")
+def built() -> dict:
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    toolchain = [v["error"] for v in res.values() if "error" in v and ("ptxas" in v["error"] or "libdevice" in v["error"])]
+    if toolchain:
+        pytest.skip(f"no CUDA toolchain for Triton here: {toolchain[0][:200]}")
+    return res
+
+
+def _marks(built: dict, name: str) -> dict:
+    assert "error" not in built[name], built[name].get("error")
+    return built[name]
 
 
 @pytest.mark.parametrize("nxt", [True, False])
-def test_expert_down_prefetches_the_next_weights_only_when_asked(nxt):
-    k = _compile(fd._expert_down, DOWN, dict(TOPK=2, RP=16, IEEE=False, BM=16, BN=128, BK=64, SPLIT_K=4, PDL=True,
-                                             EVICT="evict_first" if nxt else "", NEXT=nxt, LINE=64),
-                 num_warps=4, num_stages=3)
-    ptx = k.asm["ptx"]
-    assert ("prefetch.global.L2" in ptx) == nxt and ("evict_first" in ptx) == nxt
-    assert "griddepcontrol.wait" in ptx  # PDL
+def test_expert_down_prefetches_the_next_weights_only_when_asked(built, nxt):
+    m = _marks(built, "down_next" if nxt else "down_plain")
+    assert m["prefetch.global.L2"] == nxt and m["evict_first"] == nxt
+    assert m["griddepcontrol.wait"]  # PDL
 
 
-def test_expert_up_streams_evict_first():
-    k = _compile(fd._expert_up, UP, dict(TOPK=2, RP=16, IEEE=False, BM=16, BN=128, BK=64, SPLIT_K=2, PDL=True,
-                                         EVICT="evict_first"), num_warps=4, num_stages=3)
-    assert "evict_first" in k.asm["ptx"] and "griddepcontrol.wait" in k.asm["ptx"]
+def test_expert_up_streams_evict_first(built):
+    m = _marks(built, "up_evict_first")
+    assert m["evict_first"] and m["griddepcontrol.wait"]
 
 
-@pytest.mark.parametrize("rope", [True, False])
-def test_qkv_projection_builds_with_and_without_rotary(rope):
-    k = _compile(fd._norm_linear, LINEAR, dict(NORM=True, ACCUM=False, BM=16, BN=64, BK=128, USE_DOT=True, IEEE=False,
-                                               SPLIT_K=8, PDL=True, ROPE=rope, H=16, HKV=4, HALF=64),
-                 num_warps=4, num_stages=4)
-    assert "griddepcontrol.launch_dependents" in k.asm["ptx"]
+@pytest.mark.parametrize("name", ["qkv_rope", "qkv"])
+def test_qkv_projection_builds_with_and_without_rotary(built, name):
+    assert _marks(built, name)["griddepcontrol.launch_dependents"]
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_output_projection_builds_with_routing(built, split_k):
+    assert _marks(built, f"wo_route_split{split_k}")["atom"]  # the count of finished tiles
+
+
+if __name__ == "__main__":  # the child process
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    print(json.dumps(_build_all()))

@@ -35,6 +35,8 @@ import triton.language as tl
 from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, tile_counters
 from moekit.infer.triton_paged import paged_decode_triton
 from moekit.infer.triton_rope import _rope_finish, _rope_row, _rope_store
+from moekit.infer import triton_route
+from moekit.infer.triton_route import _route_block
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # the expert down projection of each layer, once its own work is done, asks L2 for the next layer's
@@ -96,9 +98,12 @@ def _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM: tl
 @triton.jit
 def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob,
                  pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
+                 rg_ptr, rw_ptr, rxn_ptr, rids_ptr, rgates_ptr, rslots_ptr, rsem_ptr, RE, r_eps,
                  NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-                 PDL: tl.constexpr, ROPE: tl.constexpr = False, H: tl.constexpr = 1, HKV: tl.constexpr = 1, HALF: tl.constexpr = 1):
+                 PDL: tl.constexpr, ROPE: tl.constexpr = False, H: tl.constexpr = 1, HKV: tl.constexpr = 1, HALF: tl.constexpr = 1,
+                 ROUTE: tl.constexpr = False, EP: tl.constexpr = 2, RBK: tl.constexpr = 16, TOPK: tl.constexpr = 1,
+                 RENORM: tl.constexpr = False):
     """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM. All rows of a BM
     block share each weight tile (tl.dot on rows padded to BM). ACCUM adds into out; otherwise
     out is overwritten.
@@ -111,7 +116,11 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
 
     ROPE (the fused QKV projection of H query and HKV key/value heads of 2 HALF): the columns come
     in rotary pairs (triton_rope._rope_row) and the tile's finish rotates them and writes q, k and
-    v (pos_ptr ... v_ptr) instead of out."""
+    v (pos_ptr ... v_ptr) instead of out.
+
+    ROUTE (the output projection, ACCUM into the residual out): the last program to finish a tile
+    of a block of rows routes those rows (triton_route._route_block; rg_ptr ... r_eps: the
+    routing's norm and router weights, outputs, the rows' K/V slots, its counters)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -146,6 +155,9 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
     if SPLIT_K == 1:
         _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM, w_ptr,
                 pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, pid_n * BN, N, BM, BN, ROPE, H, HKV, HALF)
+        if ROUTE:
+            _route_block(rsem_ptr, pid_m, tl.num_programs(1), out_ptr, rg_ptr, rw_ptr, rxn_ptr, rids_ptr, rgates_ptr,
+                         rslots_ptr, B, N, RE, r_eps, stride_ob, EP, RBK, TOPK, RENORM, BM)
     else:
         mp = tl.num_programs(0) * BM  # part: [SPLIT_K, mp, N] sums, then [SPLIT_K, mp] sums of squares
         tl.store(part_ptr + (pid_k * mp + rows)[:, None] * N + n[None, :], acc, mask=rmask[:, None] & nmask[None, :])
@@ -161,6 +173,9 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
                     ss += tl.load(part_ptr + SPLIT_K * mp * N + sk * mp + rows, cache_modifier=".cg")
             _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM, w_ptr,
                     pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, pid_n * BN, N, BM, BN, ROPE, H, HKV, HALF)
+            if ROUTE:
+                _route_block(rsem_ptr, pid_m, tl.num_programs(1), out_ptr, rg_ptr, rw_ptr, rxn_ptr, rids_ptr,
+                             rgates_ptr, rslots_ptr, B, N, RE, r_eps, stride_ob, EP, RBK, TOPK, RENORM, BM)
 
 
 def _linear_configs():  # BM = 16 throughout: norm_linear pads the partial sums' rows to 16
@@ -198,12 +213,13 @@ _norm_linear_rope = triton.autotune(_linear_configs(), **_tune)(_norm_linear)
 
 def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None, eps: float = 1e-5,
                 out: torch.Tensor | None = None, accumulate: bool = False, use_dot: bool = True,
-                split_k: int = 2, rope: tuple | None = None) -> torch.Tensor | None:
+                split_k: int = 2, rope: tuple | None = None, route: tuple | None = None) -> torch.Tensor | None:
     """x: [B, K]; w: [N, K] -> out [B, N] = (RMSNorm_g(x) if g is given else x) @ w.T, or
     out += x @ w.T when accumulate (out float32). use_dot and split_k pick the tile off the GPU
     (on the GPU the autotuner picks). rope = (pos, cos, sin, slots, q, k_cache, v_cache, H, HKV):
     w is a fused QKV weight, and its product is rotated and written to q and the cache slots
-    instead (returns None)."""
+    instead (returns None). route = triton_route.route_args(out, ...): with accumulate, the
+    projection then routes the rows of out it wrote."""
     B, K = x.shape
     N = w.shape[0]
     assert 1 <= split_k <= 8, "split_k: 1 ... 8 (the partial sums are sized for 8)"
@@ -217,9 +233,11 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     part = torch.empty(splits * mp * (N + 1) if splits > 1 else 1, device=x.device, dtype=torch.float32)
     sem = tile_counters(x.device, triton.cdiv(B, bm) * triton.cdiv(N, 16))
     ptrs = rope[:7] if rope is not None else (x,) * 7
+    rargs, rkw = route if route is not None else ((x,) * 7 + (0, 0.0), {})
+    assert route is None or accumulate, "routing follows the projection that adds into the residual"
     args = (x, g if g is not None else x, w, out, part, sem, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0),
-            *ptrs)
-    kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, **pdl_kw(x))
+            *ptrs, *rargs)
+    kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, **rkw, **pdl_kw(x))
     if rope is not None:
         pos, cos, _, slots, q, kc, vc, H, Hkv = rope
         hd = N // (H + 2 * Hkv)
@@ -236,67 +254,24 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     return out if rope is None else None
 
 
-# -- 5: RMSNorm + router + softmax + top-k ---------------------------------------------------------
-@triton.jit
-def _route(x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, slots_ptr, K, E, eps, stride_xb,
-           EP: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
-    """One program per row: xn = RMSNorm(x) (stored in the weights' dtype, as the experts read it),
-    logits = xn @ wr.T in float32, softmax, the TOPK largest (ids and gates). A padding row (its
-    K/V slot 0, the scratch block's) chooses no expert (ids -1, gates 0): a graph's padding rows
-    add no expert weights to the step's reads."""
-    gdc(PDL)
-    b = tl.program_id(0)
-    pad = tl.load(slots_ptr + b) == 0
-    e = tl.arange(0, EP)
-    emask = e < E
-    if K <= BK:  # one tile: every load issued up front (one round trip to memory, not two)
-        kk = tl.arange(0, BK)
-        kmask = kk < K
-        xk = tl.load(x_ptr + b * stride_xb + kk, mask=kmask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-        w = tl.load(wr_ptr + e[:, None] * K + kk[None, :], mask=emask[:, None] & kmask[None, :], other=0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xk * xk, 0) / K + eps)
-        xn = (xk * rstd * g).to(xn_ptr.dtype.element_ty)
-        tl.store(xn_ptr + b * K + kk, xn, mask=kmask)
-        logits = tl.sum(w.to(tl.float32) * xn.to(tl.float32)[None, :], 1)
-    else:
-        ss = tl.zeros([BK], tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            xk = tl.load(x_ptr + b * stride_xb + kk, mask=kk < K, other=0.0).to(tl.float32)
-            ss += xk * xk
-        rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
-        logits = tl.zeros([EP], tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            kmask = kk < K
-            xk = tl.load(x_ptr + b * stride_xb + kk, mask=kmask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-            xn = (xk * rstd * g).to(xn_ptr.dtype.element_ty)
-            tl.store(xn_ptr + b * K + kk, xn, mask=kmask)
-            w = tl.load(wr_ptr + e[:, None] * K + kk[None, :], mask=emask[:, None] & kmask[None, :], other=0.0)
-            logits += tl.sum(w.to(tl.float32) * xn.to(tl.float32)[None, :], 1)
-    logits = tl.where(emask, logits, float("-inf"))
-    p = tl.exp(logits - tl.max(logits, 0))
-    p = p / tl.sum(p, 0)
-    scale = 1.0
-    if RENORM:  # Mixtral: the chosen gates sum to 1
-        rest = p
-        total = 0.0
-        for j in tl.static_range(TOPK):
-            best = tl.max(rest, 0)
-            total += best
-            rest = tl.where(e == tl.min(tl.where(rest == best, e, EP), 0), -1.0, rest)
-        scale = 1.0 / total
-    for j in tl.static_range(TOPK):
-        best = tl.max(p, 0)
-        idx = tl.min(tl.where(p == best, e, EP), 0)  # the lowest index among ties
-        tl.store(ids_ptr + b * TOPK + j, tl.where(pad, -1, idx))
-        tl.store(gates_ptr + b * TOPK + j, tl.where(pad, 0.0, best * scale))
-        p = tl.where(e == idx, -1.0, p)
+# -- 5: RMSNorm + router + softmax + top-k: triton_route.py ------------------------------------------
 
 
 # -- 6/7: the chosen experts, weights [E, K, N] (row = input feature) -----------------------------
+@triton.jit
+def _slot_expert(ids_ptr, R, E, RP: tl.constexpr, EP: tl.constexpr):
+    """The expert this program's row of the grid serves: the program_id(0)-th lowest of the experts
+    the R assignments chose, or E when fewer were chosen (an expert no assignment matches: its
+    program reads nothing). The grid has min(E, R) rows, so a row that chose 2 of 64 experts
+    launches 2 rows of programs, not 64."""
+    rr = tl.arange(0, RP)
+    ids = tl.load(ids_ptr + rr, mask=rr < R, other=-1)
+    ee = tl.arange(0, EP)
+    chosen = tl.max((ids[None, :] == ee[:, None]).to(tl.int32), 1)  # [EP]
+    rank = tl.cumsum(chosen, 0) - 1
+    return tl.min(tl.where((chosen > 0) & (rank == tl.program_id(0)), ee, E), 0)
+
+
 @triton.jit
 def _expert_rows(ids_ptr, R, e, t, RP: tl.constexpr, BM: tl.constexpr):
     """Slots t ... t + BM of the assignments routed to expert e (in assignment order): their
@@ -324,16 +299,16 @@ def _silu_store(h_ptr, rows, n, mask, F, a1, a3):
 
 
 @triton.jit
-def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, h_ptr, sem_ptr, R, K, F, stride_we, TOPK: tl.constexpr,
-               RP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, h_ptr, sem_ptr, R, K, F, E, stride_we, TOPK: tl.constexpr,
+               RP: tl.constexpr, EP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                SPLIT_K: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = ""):
-    """Program (expert e, block of F, share of K): xn[r // TOPK] @ w1[e] and @ w3[e] over the share
+    """Program (expert e (_slot_expert), block of F, share of K): xn[r // TOPK] @ w1[e] and @ w3[e] over the share
     for the assignments r routed to e, BM rows per tensor-core tile, into part [SPLIT_K, 2, R, F];
     the last of the tile's SPLIT_K programs to arrive adds the shares in order 0 ... SPLIT_K - 1 and
     writes h = silu(a1) * a3. Each chosen expert's weights are read once for all its rows;
     unchosen experts are not read. A row's sums do not depend on the other rows of its tile."""
     gdc(PDL)
-    e = tl.program_id(0)
+    e = _slot_expert(ids_ptr, R, E, RP, EP)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     n = pid_n * BN + tl.arange(0, BN)
@@ -365,7 +340,7 @@ def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, h_ptr, sem_ptr, R, K, 
             tl.store(base + R * F, acc3, mask=omask)
     if SPLIT_K > 1:
         if count > 0:  # the same for the tile's SPLIT_K programs
-            if last_to_arrive(sem_ptr, e * tl.num_programs(1) + pid_n, SPLIT_K):
+            if last_to_arrive(sem_ptr, tl.program_id(0) * tl.num_programs(1) + pid_n, SPLIT_K):
                 for t in range(0, count, BM):
                     rows, valid, count_t = _expert_rows(ids_ptr, R, e, t, RP, BM)
                     omask = valid[:, None] & nmask[None, :]
@@ -379,12 +354,12 @@ def _expert_up(xn_ptr, ids_ptr, w1_ptr, w3_ptr, part_ptr, h_ptr, sem_ptr, R, K, 
 
 
 @triton.jit
-def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, B, R, F, D, stride_we, stride_ob,
+def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, B, R, F, D, E, stride_we, stride_ob,
                  nx1_ptr, nx1_n, nx2_ptr, nx2_n,
-                 TOPK: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 TOPK: tl.constexpr, RP: tl.constexpr, EP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = "",
                  NEXT: tl.constexpr = False, LINE: tl.constexpr = 64):
-    """Program (expert e, block of D, share of F): part[share, r] = h[r] @ w2[e] over the share,
+    """Program (expert e (_slot_expert), block of D, share of F): part[share, r] = h[r] @ w2[e] over the share,
     for the assignments r routed to e (tiles of BM rows, as in _expert_up). The last of the E *
     SPLIT_K programs of a block of D to arrive adds, for every row b, out[b] += sum_j gate[b, j]
     sum_s part[s, b * TOPK + j] in this order (the same numbers whatever the batch).
@@ -393,7 +368,7 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, 
     nx2_n elements, LINE to a 128-byte line): the weights the next kernels read. A program whose
     expert no row chose does this at once."""
     gdc(PDL)
-    e = tl.program_id(0)
+    e = _slot_expert(ids_ptr, R, E, RP, EP)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     n = pid_n * BN + tl.arange(0, BN)
@@ -414,7 +389,7 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, 
             acc = _dot(hk.to(w.dtype), w, acc, IEEE)
         tl.store(part_ptr + (pid_k * R + rows)[:, None] * D + n[None, :], acc, mask=valid[:, None] & nmask[None, :])
     if NEXT:
-        part = (e * tl.num_programs(1) + pid_n) * SPLIT_K + pid_k
+        part = (tl.program_id(0) * tl.num_programs(1) + pid_n) * SPLIT_K + pid_k
         parts = tl.num_programs(0) * tl.num_programs(1) * SPLIT_K
         _prefetch_range(nx1_ptr, nx1_n, part, parts, LINE, 128)
         _prefetch_range(nx2_ptr, nx2_n, part, parts, LINE, 128)
@@ -460,13 +435,13 @@ def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.T
     part = torch.empty(8, 2, R, F, device=xn.device, dtype=torch.float32)  # room for the largest K split
     h = torch.empty(R, F, device=xn.device, dtype=w1.dtype)
     sem = tile_counters(xn.device, E * triton.cdiv(F, 32))
-    args = (xn, ids, w1, w3, part, h, sem, R, K, F, w1.stride(0))
-    kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w1.dtype == torch.float32,
+    args = (xn, ids, w1, w3, part, h, sem, R, K, F, E, w1.stride(0))
+    kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), EP=triton.next_power_of_2(E), IEEE=w1.dtype == torch.float32,
               EVICT="evict_first" if PREFETCH_NEXT else "", **pdl_kw(xn))
     if _INTERPRET or not xn.is_cuda:
-        _expert_up[(E, triton.cdiv(F, 32), split_k)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=split_k)
+        _expert_up[(min(E, R), triton.cdiv(F, 32), split_k)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=split_k)
     else:
-        _expert_up_tuned[lambda m: (E, triton.cdiv(F, m["BN"]), m["SPLIT_K"])](*args, **kw)
+        _expert_up_tuned[lambda m: (min(E, R), triton.cdiv(F, m["BN"]), m["SPLIT_K"])](*args, **kw)
     return h
 
 
@@ -483,13 +458,13 @@ def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: tor
     sem = tile_counters(h.device, triton.cdiv(D, 32))
     nxt = prefetch is not None and h.is_cuda and not _INTERPRET
     p1, p2 = prefetch if nxt else (w2, w2)
-    args = (h, ids, gates, w2, part, out, sem, B, R, F, D, w2.stride(0), out.stride(0), p1, p1.numel(), p2, p2.numel())
-    kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), IEEE=w2.dtype == torch.float32, NEXT=nxt,
+    args = (h, ids, gates, w2, part, out, sem, B, R, F, D, E, w2.stride(0), out.stride(0), p1, p1.numel(), p2, p2.numel())
+    kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), EP=triton.next_power_of_2(E), IEEE=w2.dtype == torch.float32, NEXT=nxt,
               LINE=128 // p1.element_size(), EVICT="evict_first" if nxt else "", **pdl_kw(h))
     if _INTERPRET or not h.is_cuda:
-        _expert_down[(E, triton.cdiv(D, 32), split_k)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=split_k)
+        _expert_down[(min(E, R), triton.cdiv(D, 32), split_k)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=split_k)
     else:
-        _expert_down_tuned[lambda m: (E, triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args, **kw)
+        _expert_down_tuned[lambda m: (min(E, R), triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args, **kw)
 
 
 # -- the decode step -------------------------------------------------------------------------------
@@ -581,14 +556,15 @@ class FusedDecoder:
                 _rope_store[(B, H + 2 * Hkv)](qkv, pos, cos, sin, slots, q, kc, vc, qkv.stride(0),
                                               H=H, HKV=Hkv, HALF=hd // 2, **pdl_kw(x))
             y = paged_decode_triton(q, kc, vc, tables, lens)  # [B, H, hd]
-            norm_linear(y.view(B, H * hd), blk.attn.wo.weight, out=x, accumulate=True)
             moe = blk.ffn
-            E = c.n_experts
-            ep = max(2, triton.next_power_of_2(E))
-            _route[(B,)](x, blk.ffn_norm.weight, moe.router.weight, xn, ids32, gates, slots, c.d_model, E,
-                         blk.ffn_norm.eps, x.stride(0), EP=ep,
-                         BK=min(triton.next_power_of_2(c.d_model), max(16, 16384 // ep)), TOPK=c.top_k, RENORM=c.renorm_gates,
-                         num_warps=8, **pdl_kw(x))
+            routing = (x, blk.ffn_norm.weight, moe.router.weight, xn, ids32, gates, slots, blk.ffn_norm.eps,
+                       c.renorm_gates)
+            if triton_route.ROUTE_IN_WO:  # routed by the last program of the projection to finish its rows
+                norm_linear(y.view(B, H * hd), blk.attn.wo.weight, out=x, accumulate=True,
+                            route=triton_route.route_args(*routing))
+            else:
+                norm_linear(y.view(B, H * hd), blk.attn.wo.weight, out=x, accumulate=True)
+                triton_route.route(*routing)
             h = expert_up(xn, ids32, moe.experts.w1, moe.experts.w3)  # [B * k, f]
             expert_down(h, ids32, gates, moe.experts.w2, x, prefetch=self._next_weights(i) if PREFETCH_NEXT else None)
         return norm_linear(x, m.lm_head.weight, m.norm.weight, m.norm.eps,
