@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--prompt-lookup-max", type=int, default=3, help="prompt lookup: the longest n-gram matched")
     ap.add_argument("--prompt-lookup-min", type=int, default=0,
                     help="prompt lookup: the shortest n-gram matched (0: 1 alone, 3 next to a draft)")
+    ap.add_argument("--prompt-lookup-tokens", type=int, default=0,
+                    help="with --with-lookup: proposals per lookup step (0: k)")
     ap.add_argument("--with-lookup", action="store_true",
                     help="with a draft run: prompt lookup's proposals on steps where every request finds a match")
     ap.add_argument("--k", default="4", help="proposals per step; a list (5,8,12) runs each against the same "
@@ -105,7 +107,8 @@ def main():
             spec_cfg = dataclasses.replace(cfg, num_speculative_tokens=k)
             if lookup or args.with_lookup:
                 spec_cfg = dataclasses.replace(spec_cfg, prompt_lookup_max=args.prompt_lookup_max,
-                                               prompt_lookup_min=args.prompt_lookup_min)
+                                               prompt_lookup_min=args.prompt_lookup_min,
+                                               prompt_lookup_tokens=args.prompt_lookup_tokens)
             spec_engine = Engine(target, tok, spec_cfg, draft=draft)
             spec_tps, spec_dec, spec_out = timed(spec_engine, rounds, params, k)
             st = spec_engine.spec.stats
@@ -128,7 +131,7 @@ def main():
             tag = gpu_tag() if torch.cuda.is_available() else "cpu"
             path = write_result(args.name.format(gpu=tag), {  # after each run
                 "bench": "speculative", **env_info(), "target": args.target, "draft": args.draft,
-                "with_lookup": args.with_lookup, "k": ks, "new_tokens": args.new_tokens,
+                "with_lookup": args.with_lookup, "prompt_lookup_tokens": args.prompt_lookup_tokens, "k": ks, "new_tokens": args.new_tokens,
                 "temperature": args.temperature, "prompts_at_least": args.prompts, "prompt_chars": args.prompt_chars,
                 "results": rows})
     print("decode: output tok/s after the first token; end to end: with prefill")

@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "tokens earlier; with --speculative-model, on steps where every request finds a match")
     gen.add_argument("--prompt-lookup-min", type=int, default=0, metavar="N",
                      help="the shortest n-gram matched (0: 1 alone, 3 with --speculative-model)")
+    gen.add_argument("--prompt-lookup-tokens", type=int, default=0, metavar="K",
+                     help="proposals per prompt lookup step (0: --num-speculative-tokens); next to a draft, "
+                          "lookup steps may propose more than drafting ones")
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert", help="moekit run <-> Hugging Face directory")
@@ -316,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "tokens earlier; with --speculative-model, on steps where every request finds a match")
     srv.add_argument("--prompt-lookup-min", type=int, default=0, metavar="N",
                      help="the shortest n-gram matched (0: 1 alone, 3 with --speculative-model)")
+    srv.add_argument("--prompt-lookup-tokens", type=int, default=0, metavar="K",
+                     help="proposals per prompt lookup step (0: --num-speculative-tokens); next to a draft, "
+                          "lookup steps may propose more than drafting ones")
     srv.set_defaults(func=cmd_serve)
     return p
 

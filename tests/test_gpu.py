@@ -58,17 +58,21 @@ def test_speculative_greedy_on_graphs_matches_target_alone():
     assert eng.spec.step_graphs and eng.spec.stats.proposed > 0
 
 
-def test_draft_with_prompt_lookup_on_graphs_matches_target_alone():
-    """A draft and prompt lookup together on the GPU path: lookup steps verify on the fused step,
-    draft steps replay the step graph or catch the draft up first; greedy output is the target's."""
+@pytest.mark.parametrize("lookup_tokens", [0, 9])
+def test_draft_with_prompt_lookup_on_graphs_matches_target_alone(lookup_tokens):
+    """A draft and prompt lookup together on the GPU path: lookup steps verify on the fused step
+    (proposing 3 like the draft, or 9), draft steps replay the step graph or catch the draft up
+    first; greedy output is the target's."""
     target, draft = _model(), _model(seed=1, n_layers=1)
     prompts = [p * 2 for p in _prompts(3)] + _prompts(6)[3:]  # some repeat, some do not
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     ref = _run(target, prompts, params, cuda_graphs=False)
     eng = Engine(target, None, EngineConfig(kv_budget="64MiB", block_size=16, num_speculative_tokens=3, max_num_seqs=2,
-                                            prompt_lookup_max=3, prompt_lookup_min=1), draft=draft)
+                                            prompt_lookup_max=3, prompt_lookup_min=1,
+                                            prompt_lookup_tokens=lookup_tokens), draft=draft)
     assert [o.output_token_ids for o in eng.generate(prompts, params)] == ref
     assert 0 < eng.spec.stats.lookup_steps < eng.spec.stats.steps
+    assert len(eng.spec.stats.accepted_at) == (lookup_tokens or 3)
 
 
 def test_prompt_lookup_verifies_on_the_fused_step():

@@ -134,11 +134,11 @@ def test_prompt_lookup_settings_are_checked(bad):
         Engine(_target(), None, EngineConfig(kv_budget="1MiB", **bad))
 
 
-def _hybrid_run(target, draft, prompts, params, min_n: int = 0) -> tuple[list[list[int]], Engine]:
+def _hybrid_run(target, draft, prompts, params, min_n: int = 0, lookup_tokens: int = 0) -> tuple[list[list[int]], Engine]:
     """Requests arriving while others decode, under a KV budget that forces preemption."""
     eng = Engine(target, None, EngineConfig(kv_budget="40KiB", block_size=4, num_speculative_tokens=3,
-                                            prompt_lookup_max=3, prompt_lookup_min=min_n, max_num_seqs=3),
-                 draft=draft)
+                                            prompt_lookup_max=3, prompt_lookup_min=min_n, max_num_seqs=3,
+                                            prompt_lookup_tokens=lookup_tokens), draft=draft)
     ids = [eng.add_request(p, prm) for p, prm in zip(prompts[:3], params[:3])]
     out, later = {}, list(zip(prompts[3:], params[3:]))
     while eng.has_unfinished() or later:
@@ -181,6 +181,7 @@ def test_a_draft_with_prompt_lookup(temperature, monkeypatch):
               for i in range(len(prompts))]
     min_n = 0 if temperature == 0 else 1
     out, eng = _hybrid_run(target, draft, prompts, params, min_n)
+    assert len(eng.spec.stats.accepted_at) == 3
     if temperature == 0:
         plain = Engine(target, None, EngineConfig(kv_budget="1MiB", block_size=4)).generate(prompts, params)
         assert out == [o.output_token_ids for o in plain]
@@ -191,3 +192,26 @@ def test_a_draft_with_prompt_lookup(temperature, monkeypatch):
     assert stats["kv_blocks_used"] == 0 and stats["preemptions"] > 0
     assert 0 < stats["spec_lookup_steps"] < eng.spec.stats.steps  # both proposers took turns
     assert lags and max(lags) <= 2
+
+
+def test_lookup_steps_may_propose_more_than_drafting_ones():
+    """Next to a draft proposing 3 tokens, lookup steps proposing 7 (prompt_lookup_tokens): greedy
+    output is still the target's, no KV blocks are left behind, acceptance is counted per
+    position up to 7, and the mean accepted length counts every verified request once."""
+    target = _target()
+    torch.manual_seed(5)
+    draft = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                                    n_experts=2, top_k=1, max_seq_len=128)).double()
+    prompts = _prompts()[:6] + [torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(i)).tolist()
+                                for i in range(3)]
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True) for _ in prompts]
+    out, eng = _hybrid_run(target, draft, prompts, params, lookup_tokens=7)
+    plain = Engine(target, None, EngineConfig(kv_budget="1MiB", block_size=4)).generate(prompts, params)
+    assert out == [o.output_token_ids for o in plain]
+    st, stats = eng.spec.stats, eng.stats()
+    assert stats["kv_blocks_used"] == 0 and 0 < stats["spec_lookup_steps"] < st.steps
+    assert len(st.accepted_at) == 7 and sum(st.accepted_at) == st.accepted
+    assert st.accepted_at[3:] != [0, 0, 0, 0]  # lookup steps accepted past the draft's 3
+    assert st.mean_accepted_length == (st.accepted + st.request_steps) / st.request_steps
+    with pytest.raises(ConfigError):
+        Engine(target, None, EngineConfig(kv_budget="1MiB", prompt_lookup_max=2, prompt_lookup_tokens=-1))

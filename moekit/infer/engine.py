@@ -85,6 +85,7 @@ class EngineConfig:
     prompt_lookup_max: int = 0  # > 0: speculate from the longest n-gram match up to this n (with a draft
     # model: on steps where every request finds one, the draft on the others)
     prompt_lookup_min: int = 0  # the shortest match (moekit.infer.ngram); 0: 1 alone, 3 next to a draft model
+    prompt_lookup_tokens: int = 0  # proposals per prompt lookup step (0: num_speculative_tokens)
     speculative_max_batch: int = 8  # above this many running requests, decode without speculation (GPU: also
     # above FUSED_MAX_VERIFY // (k + 1), where verification would leave the fused step and greedy output could differ)
     fused_decode: bool = True  # small decode batches through the fused Triton step (GPU, CUDA graphs)
@@ -99,6 +100,9 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len < 0:
             raise ConfigError(f"max_model_len must be >= 0, got {self.max_model_len}")
+        if self.prompt_lookup_tokens < 0:
+            raise ConfigError(f"prompt_lookup_tokens must be >= 0 (0: num_speculative_tokens), got "
+                              f"{self.prompt_lookup_tokens}")
         if self.prompt_lookup_max and not 0 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16:
             raise ConfigError(f"prompt lookup needs 0 <= prompt_lookup_min <= prompt_lookup_max <= 16 (min 0: "
                               f"automatic), got {self.prompt_lookup_min} and {self.prompt_lookup_max}")
@@ -120,15 +124,18 @@ class Engine:
         speculating = draft is not None or cfg.prompt_lookup_max > 0
         if speculating and cfg.num_speculative_tokens < 1:
             raise ConfigError("num_speculative_tokens must be >= 1")
+        lookup_k = (cfg.prompt_lookup_tokens or cfg.num_speculative_tokens) if cfg.prompt_lookup_max else 0
+        # the most proposals a step verifies: a drafting step's or a lookup step's
+        most_k = lookup_k if draft is None and cfg.prompt_lookup_max else max(cfg.num_speculative_tokens, lookup_k)
         # greedy speculation is lossless while verification runs on the fused step (the same
         # numbers as decoding a row alone): on that path it stops at FUSED_MAX_VERIFY rows
         self.spec_max_batch = cfg.speculative_max_batch
         if cfg.fused_decode and cfg.cuda_graphs and self.device.type == "cuda":
-            self.spec_max_batch = min(self.spec_max_batch, FUSED_MAX_VERIFY // (cfg.num_speculative_tokens + 1))
+            self.spec_max_batch = min(self.spec_max_batch, FUSED_MAX_VERIFY // (most_k + 1))
             if self.spec_max_batch < 1 and speculating:
-                raise ConfigError(f"num_speculative_tokens must be below {FUSED_MAX_VERIFY} on GPU "
-                                  f"(got {cfg.num_speculative_tokens})")
-        spec_rows = min(cfg.max_num_seqs, self.spec_max_batch) * (cfg.num_speculative_tokens + 1) if speculating else 0
+                raise ConfigError(f"speculative proposals per step must be below {FUSED_MAX_VERIFY} on GPU "
+                                  f"(got {most_k})")
+        spec_rows = min(cfg.max_num_seqs, self.spec_max_batch) * (most_k + 1) if speculating else 0
         self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs,
                                   cfg.compile, cfg.fused_decode, max_rows=spec_rows)
         self.sampler = Sampler(self.device, cfg.seed)
@@ -140,8 +147,7 @@ class Engine:
         if cfg.prompt_lookup_max and draft is None:
             from moekit.infer.ngram import PromptLookupDecoder
 
-            self.spec = PromptLookupDecoder(self.kv, self.max_model_len, cfg.num_speculative_tokens,
-                                            self.sampler.shared, **lookup)
+            self.spec = PromptLookupDecoder(self.kv, self.max_model_len, lookup_k, self.sampler.shared, **lookup)
         if draft is not None:
             from moekit.infer.ngram import DraftWithLookup
             from moekit.infer.speculative import SpeculativeDecoder
@@ -152,7 +158,8 @@ class Engine:
             args = (draft, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.num_speculative_tokens,
                     self.sampler.shared, cfg.cuda_graphs, cfg.fused_decode)
             # both: prompt lookup where every request finds a match, the draft otherwise
-            self.spec = DraftWithLookup(*args, **lookup) if cfg.prompt_lookup_max else SpeculativeDecoder(*args)
+            self.spec = (DraftWithLookup(*args, **lookup, lookup_k=lookup_k) if cfg.prompt_lookup_max
+                         else SpeculativeDecoder(*args))
         self.requests: dict[str, Request] = {}
         self._ahead: _Ahead | None = None
         self.lookahead_steps = 0  # steps launched before the previous step's tokens were read

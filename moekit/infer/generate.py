@@ -90,7 +90,9 @@ def generate_main(args) -> int:
     engine = Engine(model, tok, EngineConfig(kv_budget=args.kv_budget, max_num_seqs=max(1, args.num_samples),
                                              num_speculative_tokens=args.num_speculative_tokens,
                                              prompt_lookup_max=args.prompt_lookup_max,
-                                             prompt_lookup_min=getattr(args, "prompt_lookup_min", 0)), draft=draft)
+                                             prompt_lookup_min=getattr(args, "prompt_lookup_min", 0),
+                                             prompt_lookup_tokens=getattr(args, "prompt_lookup_tokens", 0)),
+                    draft=draft)
     for i, out in enumerate(engine.generate([args.prompt] * args.num_samples, params)):
         text = args.prompt + out.text
         sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))

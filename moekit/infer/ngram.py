@@ -58,7 +58,7 @@ class PromptLookupDecoder(SpeculativeDecoder):
                  min_n: int = 1, max_n: int = 3):
         self.runner = None  # no draft to run
         self._setup(target_kv, max_model_len, k, shared_generator)
-        self.min_n, self.max_n = min_n, max_n
+        self.min_n, self.max_n, self.lookup_k = min_n, max_n, k
 
     def sync(self, items: list[tuple[Request, int]]) -> None:  # no draft cache to keep in step
         pass
@@ -74,7 +74,7 @@ class PromptLookupDecoder(SpeculativeDecoder):
         # a long prompt is indexed over its last INDEX_WINDOW tokens (bounds the first step's work)
         start = max(state[0], len(ids) - INDEX_WINDOW)
         state[0] = extend_index(ids, state[1], start, self.min_n, self.max_n)
-        return lookup(ids, state[1], self.k, self.min_n, self.max_n)
+        return lookup(ids, state[1], self.lookup_k, self.min_n, self.max_n)
 
     def step(self, target: ModelRunner, reqs: list[Request]) -> dict[str, list[int]] | None:
         proposals = [self.propose(r) for r in reqs]
@@ -82,7 +82,7 @@ class PromptLookupDecoder(SpeculativeDecoder):
             return None  # a normal step instead
         # a request without a match proposes its last token again (verified like any proposal;
         # left out of the acceptance figures)
-        props = target.to_device([p or [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1]] * self.k
+        props = target.to_device([p or [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1]] * self.lookup_k
                                   for p, r in zip(proposals, reqs)])
         counted = [p is not None for p in proposals]
         if all(r.params.temperature == 0 for r in reqs):
@@ -123,26 +123,34 @@ class PromptLookupDecoder(SpeculativeDecoder):
 class DraftWithLookup(PromptLookupDecoder):
     """A draft model and prompt lookup together. A step where every request finds a match in its
     own history verifies the lookup's proposals and runs no proposing draft steps: the draft only
-    computes the positions the step accepted, one forward of at most k + 2 rows per request (a
-    replayed graph on GPU), so the next drafting step starts in step and fits its step graph. Both
-    kinds of step keep the target's distribution; a seeded sampled request's tokens depend on
-    which kind each step was, and so on the batch."""
+    computes the positions the step accepted, one forward of at most lookup_k + 2 rows per request
+    (a replayed graph on GPU), so the next drafting step starts in step and fits its step graph.
+    Both kinds of step keep the target's distribution; a seeded sampled request's tokens depend on
+    which kind each step was, and so on the batch.
+
+    lookup_k: the lookup's proposals per step (default k). They cost no draft steps, and on an MoE
+    target a few verified rows already read most experts, so a lookup step may propose more than
+    a drafting one."""
 
     def __init__(self, draft, target_kv: PagedKVCache, max_model_len: int, max_num_seqs: int, k: int,
                  shared_generator: torch.Generator, cuda_graphs: bool = True, fused: bool = True,
-                 min_n: int = 1, max_n: int = 3):
+                 min_n: int = 1, max_n: int = 3, lookup_k: int | None = None):
         SpeculativeDecoder.__init__(self, draft, target_kv, max_model_len, max_num_seqs, k, shared_generator,
-                                    cuda_graphs, fused, rows_per_request=k + 2)
-        self.min_n, self.max_n = min_n, max_n
+                                    cuda_graphs, fused, rows_per_request=max(k, lookup_k or k) + 2)
+        self.min_n, self.max_n, self.lookup_k = min_n, max_n, lookup_k or k
 
     sync = SpeculativeDecoder.sync
-    warmup = SpeculativeDecoder.warmup
+
+    def warmup(self, target: ModelRunner, max_batch: int) -> None:
+        SpeculativeDecoder.warmup(self, target, max_batch)
+        if self.lookup_k != self.k:
+            self._verify_warmup(target, max_batch, self.lookup_k)
 
     def step(self, target: ModelRunner, reqs: list[Request]) -> dict[str, list[int]] | None:
         proposals = [self.propose(r) for r in reqs]
         if any(p is None for p in proposals):
             return SpeculativeDecoder.step(self, target, reqs)
-        if not self._reserve(reqs):
+        if not self._reserve(reqs, self.lookup_k):
             return None
         drafted = [self._draft_start(r) for r in reqs]
         props = target.to_device(proposals)
@@ -150,7 +158,7 @@ class DraftWithLookup(PromptLookupDecoder):
             emitted = self._greedy_accept(target, reqs, props)
         else:
             emitted = self._sampled_lookup(target, reqs, props)
-        out = self._commit(reqs, emitted)
+        out = self._commit(reqs, emitted, k=self.lookup_k)
         # the draft computes what it lags by: its positions before this step's and the accepted
         # proposals (emitted, not yet appended to the request)
         rows = []

@@ -28,8 +28,9 @@ class SpecStats:
     steps: int = 0
     proposed: int = 0
     accepted: int = 0
-    accepted_at: list[int] = field(default_factory=list)  # [k]: proposals accepted at each position
+    accepted_at: list[int] = field(default_factory=list)  # proposals accepted at each position
     lookup_steps: int = 0  # steps whose proposals came from prompt lookup next to a draft model
+    request_steps: int = 0  # requests verified, summed over steps
 
     @property
     def acceptance_rate(self) -> float:
@@ -38,8 +39,7 @@ class SpecStats:
     @property
     def mean_accepted_length(self) -> float:
         """Tokens emitted per request-step (accepted proposals + the target's own token)."""
-        rows = self.proposed / len(self.accepted_at) if self.accepted_at else 0
-        return (self.accepted + rows) / rows if rows else 0.0
+        return (self.accepted + self.request_steps) / self.request_steps if self.request_steps else 0.0
 
 
 def _draw(probs: torch.Tensor, gen) -> int:
@@ -154,9 +154,9 @@ class SpeculativeDecoder:
             self.runner.forward_chunks(chunks, last_of=[False] * len(chunks))
 
     # -- one speculative step ----------------------------------------------------------------
-    def _reserve(self, reqs: list[Request]) -> bool:
-        """Blocks for k + 1 more positions of every request (False when they are short)."""
-        k, bs = self.k, self.block_size
+    def _reserve(self, reqs: list[Request], k: int | None = None) -> bool:
+        """Blocks for k (default self.k) + 1 more positions of every request (False when they are short)."""
+        k, bs = k or self.k, self.block_size
         if any(r.num_tokens + k + 1 > self.max_model_len for r in reqs):
             return False
         need = [max(0, math.ceil((r.num_computed + k + 1) / bs) - len(r.blocks)) for r in reqs]
@@ -191,11 +191,14 @@ class SpeculativeDecoder:
         rows = [(r, r.num_computed + j, None) for r in reqs for j in range(k + 1)]
         return target.decode_rows(rows, tokens=tokens, verify=True)
 
-    def _commit(self, reqs: list[Request], emitted: list[list[int]], counted: list[bool] | None = None
-                ) -> dict[str, list[int]]:
-        """Count acceptance (of the requests counted: all by default), advance the requests past
-        the accepted proposals and roll back the K/V blocks of rejected positions."""
-        k, bs = self.k, self.block_size
+    def _commit(self, reqs: list[Request], emitted: list[list[int]], counted: list[bool] | None = None,
+                k: int | None = None) -> dict[str, list[int]]:
+        """Count acceptance of the step's k proposals per request (default self.k; of the requests
+        counted: all by default), advance the requests past the accepted proposals and roll back
+        the K/V blocks of rejected positions."""
+        k, bs = k or self.k, self.block_size
+        if len(self.stats.accepted_at) < k:
+            self.stats.accepted_at += [0] * (k - len(self.stats.accepted_at))
         out = {}
         for i, (r, em) in enumerate(zip(reqs, emitted)):
             a = len(em) - 1
@@ -204,6 +207,7 @@ class SpeculativeDecoder:
                     self.stats.accepted_at[j] += 1
                 self.stats.proposed += k
                 self.stats.accepted += a
+                self.stats.request_steps += 1
             # K/V are valid for the last token and the accepted proposals; the rest is rolled back
             old = r.num_computed
             r.num_computed += 1 + a
@@ -310,9 +314,9 @@ class SpeculativeDecoder:
                     self._step_graph(target, B)
         self._verify_warmup(target, max_batch)
 
-    def _verify_warmup(self, target: ModelRunner, max_batch: int) -> None:
+    def _verify_warmup(self, target: ModelRunner, max_batch: int, k: int | None = None) -> None:
         for B in range(1, max_batch + 1):
-            n = B * (self.k + 1)
+            n = B * ((k or self.k) + 1)
             if target.verify_graph_fits(n) and n not in target.verify_graphs:
                 target.capture_graph(n, FUSED_MAX_VERIFY)
 
