@@ -169,9 +169,10 @@ def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, 
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
     graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch;
     prefetch=True has each layer's expert down projection ask L2 for the next layer's attention
-    weights while the experts stream theirs evict-first (fused_decode.PREFETCH_NEXT);
-    rope=False runs the rotary embedding and K/V store as a kernel of their own (each variant tunes
-    its own projection tiles, so greedy tokens may differ where a tie falls differently);
+    weights while the experts stream theirs evict-first (fused_decode.PREFETCH_NEXT; the same tuned
+    tiles, so the same tokens); rope=False runs the rotary embedding and K/V store as a kernel of
+    their own (its projection is tuned apart, so greedy tokens may differ where a tie falls
+    differently);
     route_in_wo=True routes each layer's rows at the end of its output projection."""
     from moekit.infer import fused_decode, triton_route, triton_sync
 

@@ -311,6 +311,19 @@ def test_output_projection_routes_its_rows(split_k):
     torch.testing.assert_close(gates[real].double(), ref_gates[real], rtol=1e-5, atol=1e-5)
 
 
+def test_routing_projection_refuses_more_row_blocks_than_its_counters():
+    """Without tensor cores a block is one row: 80 rows would overrun the 64 routing counters, and
+    the projection says so instead of writing past them."""
+    from moekit.infer.triton_route import route_args
+
+    B, d = 80, 32
+    x = torch.zeros(B, d)
+    args = route_args(x, torch.ones(d), torch.ones(4, d), torch.empty(B, d), torch.empty(B, 2, dtype=torch.int32),
+                      torch.empty(B, 2), torch.arange(1, B + 1), 1e-5, True)
+    with pytest.raises(ValueError, match="routing in the projection covers 64 blocks"):
+        norm_linear(torch.zeros(B, 16), torch.zeros(d, 16), out=x, accumulate=True, use_dot=False, route=args)
+
+
 def test_a_rows_logits_do_not_depend_on_the_batch():
     """Batch invariance: a request's logits and K/V are the same bits decoded alone or among
     other rows (what makes speculative verification reproduce one-row decoding exactly), padding

@@ -7,7 +7,8 @@ Per layer, with the residual stream kept in float32 [B, d]:
      MOEKIT_FUSED_ROPE=0: a second kernel, _rope_store)
   3. paged attention                                     (triton_paged: split + merge)
   4. output projection added into the residual           (_norm_linear)
-  5. RMSNorm + router + softmax + top-k (+ renormalise)  (_route)
+  5. RMSNorm + router + softmax + top-k (+ renormalise)  (triton_route; MOEKIT_ROUTE_IN_WO=1: at
+     the end of kernel 4)
   6. the chosen experts' gate and up projections, SiLU   (_expert_up)
   7. the chosen experts' down projections, gate-weighted and added into the residual (_expert_down)
 The final norm + LM head is kernel 1 again. Every kernel takes only device tensors and reads no
@@ -32,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, tile_counters
+from moekit.infer.triton_sync import MAX_TILES, gdc, last_to_arrive, pdl_kw, tile_counters
 from moekit.infer.triton_paged import paged_decode_triton
 from moekit.infer.triton_rope import _rope_finish, _rope_row, _rope_store
 from moekit.infer import triton_route
@@ -231,7 +232,11 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     splits = split_k if off_gpu else (_SPLIT_MOST if N <= _SPLIT_MAX_N else _SPLIT_MOST_WIDE)
     mp = triton.cdiv(B, bm) * bm  # part rows: padded to whole row blocks
     part = torch.empty(splits * mp * (N + 1) if splits > 1 else 1, device=x.device, dtype=torch.float32)
-    sem = tile_counters(x.device, triton.cdiv(B, bm) * triton.cdiv(N, 16))
+    tiles = triton.cdiv(B, bm) * triton.cdiv(N, 16)
+    if route is not None and (triton.cdiv(B, bm) > triton_route.BLOCKS or tiles > MAX_TILES - triton_route.BLOCKS):
+        raise ValueError(f"routing in the projection covers {triton_route.BLOCKS} blocks of {bm} rows and "
+                         f"{MAX_TILES - triton_route.BLOCKS} tiles, got {B} rows of {N}")
+    sem = tile_counters(x.device, tiles)
     ptrs = rope[:7] if rope is not None else (x,) * 7
     rargs, rkw = route if route is not None else ((x,) * 7 + (0, 0.0), {})
     assert route is None or accumulate, "routing follows the projection that adds into the residual"
@@ -360,8 +365,8 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, 
                  BK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = "",
                  NEXT: tl.constexpr = False, LINE: tl.constexpr = 64):
     """Program (expert e (_slot_expert), block of D, share of F): part[share, r] = h[r] @ w2[e] over the share,
-    for the assignments r routed to e (tiles of BM rows, as in _expert_up). The last of the E *
-    SPLIT_K programs of a block of D to arrive adds, for every row b, out[b] += sum_j gate[b, j]
+    for the assignments r routed to e (tiles of BM rows, as in _expert_up). The last of the (grid
+    rows x SPLIT_K) programs of a block of D to arrive adds, for every row b, out[b] += sum_j gate[b, j]
     sum_s part[s, b * TOPK + j] in this order (the same numbers whatever the batch).
 
     NEXT: each program, its own sums written, asks L2 for its share of nx1 and nx2 (nx1_n and
@@ -527,7 +532,7 @@ class FusedDecoder:
         m = self.model
         if i + 1 < len(m.blocks):
             return self.wqkv[i + 1], m.blocks[i + 1].attn.wo.weight
-        head = m.lm_head.weight.view(-1)
+        head = m.lm_head.weight.reshape(-1)
         n = min(head.numel(), self.wqkv[0].numel() + m.blocks[0].attn.wo.weight.numel())
         return head[:n // 2], head[n // 2:n]
 

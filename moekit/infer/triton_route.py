@@ -14,7 +14,7 @@ import triton.language as tl
 from moekit.infer.triton_sync import MAX_TILES, gdc, last_to_arrive, pdl_kw, tile_counters
 
 ROUTE_IN_WO = os.environ.get("MOEKIT_ROUTE_IN_WO", "0") != "0"
-_BLOCKS = 64  # the row blocks a routing projection counts, at the top of the tile counters
+BLOCKS = 64  # the row blocks a routing projection counts, at the top of the tile counters
 
 
 @triton.jit
@@ -115,10 +115,8 @@ def route_args(x: torch.Tensor, norm_w: torch.Tensor, router_w: torch.Tensor, xn
                gates: torch.Tensor, slots: torch.Tensor, eps: float, renorm: bool) -> tuple[tuple, dict]:
     """The arguments (after the output projection's own) and constants with which the projection
     writing x routes its rows at its end (fused_decode.norm_linear(route=...))."""
-    B, d = x.shape
-    if triton.cdiv(B, 16) > _BLOCKS:
-        raise ValueError(f"routing in the projection covers {16 * _BLOCKS} rows, got {B}")
-    rsem = tile_counters(x.device, MAX_TILES)[MAX_TILES - _BLOCKS:]
+    d = x.shape[1]  # the projection checks its rows against the counters (norm_linear)
+    rsem = tile_counters(x.device, MAX_TILES)[MAX_TILES - BLOCKS:]
     c = _consts(d, router_w.shape[0], ids.shape[1], renorm)
     args = (norm_w, router_w, xn, ids, gates, slots, rsem, router_w.shape[0], eps)
     return args, dict(ROUTE=True, EP=c["EP"], RBK=c["BK"], TOPK=c["TOPK"], RENORM=renorm)
