@@ -36,9 +36,14 @@ stage "$RUNS/spec-draft" "$DSTEPS" 50 --preset bench-draft --distill-from "$RUNS
     --distill-on-policy "$ON_POLICY"
 python bench/speculative.py --target "$RUNS/spec-target" --draft "$RUNS/spec-draft" --k "$K" --new-tokens 128 \
     --batches 1,8,32 --kv-budget 4GiB
-# the draft with prompt lookup next to it (lookup where every request matches 2+ tokens)
+# the draft with prompt lookup next to it (lookup where every request matches 3+ tokens), lookup
+# steps proposing as many as the draft's and 12
 python bench/speculative.py --target "$RUNS/spec-target" --draft "$RUNS/spec-draft" --with-lookup \
-    --k "$K" --new-tokens 128 --batches 1,8 --kv-budget 4GiB --name "speculative_{gpu}_draft_lookup"
-# the same target with prompt lookup instead of a draft model (no training)
-python bench/speculative.py --target "$RUNS/spec-target" --draft ngram --k $((K + 1)) --new-tokens 128 \
-    --batches 1,8 --kv-budget 4GiB --name "speculative_{gpu}_ngram"
+    --k "$K" --new-tokens 128 --batches 1 --prompts 16 --kv-budget 4GiB --name "speculative_{gpu}_draft_lookup"
+python bench/speculative.py --target "$RUNS/spec-target" --draft "$RUNS/spec-draft" --with-lookup \
+    --prompt-lookup-tokens 12 --k "$K" --new-tokens 128 --batches 1 --prompts 16 --kv-budget 4GiB \
+    --name "speculative_{gpu}_draft_lookup12"
+# the same target with prompt lookup instead of a draft model (no training); on an MoE target
+# verifying more rows costs little, so longer proposals pay (12 measured best on H200)
+python bench/speculative.py --target "$RUNS/spec-target" --draft ngram --k $((K + 1)),12 --new-tokens 128 \
+    --batches 1 --prompts 16 --kv-budget 4GiB --name "speculative_{gpu}_ngram"
