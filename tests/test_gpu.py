@@ -159,9 +159,8 @@ def test_fused_step_matches_model_path_at_real_widths(shape, dtype):
         assert err < (1e-4 if dtype == torch.float32 else 3e-2), (B, err)
 
 
-def test_next_layer_prefetch_changes_no_bits(monkeypatch):
-    """The expert down projection asking L2 for the next layer's weights (and the experts' evict-first
-    loads) is a cache hint: the same logits, bit for bit, as without, at 1 and 3 rows."""
+def _fused_step_both_ways(monkeypatch, module, flag: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of one fused decode step of `rows` rows with module.flag off and on."""
     import moekit.infer.fused_decode as fd
     from moekit.infer.kv_cache import PagedKVCache
 
@@ -171,15 +170,37 @@ def test_next_layer_prefetch_changes_no_bits(monkeypatch):
     kv = PagedKVCache(model.cfg, num_blocks=9, block_size=64, device="cuda", dtype=torch.bfloat16)
     kv.k.normal_()
     kv.v.normal_()
-    for B in (1, 3):
-        args = (torch.randint(0, 512, (B,), device="cuda"), torch.full((B,), 70, device="cuda"),
-                torch.arange(B, device="cuda") + 64 * 2 + 6, torch.arange(1, 9, device="cuda", dtype=torch.int32).view(
-                    1, 8).expand(B, 8).contiguous(), torch.full((B,), 71, dtype=torch.int32, device="cuda"))
-        out = {}
-        for on in (False, True):
-            monkeypatch.setattr(fd, "PREFETCH_NEXT", on)
-            out[on] = fd.FusedDecoder(model, kv.k, kv.v)(*args)
-        assert torch.equal(out[False], out[True])
+    args = (torch.randint(0, 512, (rows,), device="cuda"), torch.full((rows,), 70, device="cuda"),
+            torch.arange(rows, device="cuda") + 64 * 2 + 6,
+            torch.arange(1, 9, device="cuda", dtype=torch.int32).view(1, 8).expand(rows, 8).contiguous(),
+            torch.full((rows,), 71, dtype=torch.int32, device="cuda"))
+    out = []
+    for on in (False, True):
+        monkeypatch.setattr(module, flag, on)
+        out.append(fd.FusedDecoder(model, kv.k, kv.v)(*args))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_next_layer_prefetch_changes_no_bits(monkeypatch, rows):
+    """The expert down projection asking L2 for the next layer's weights (and the experts' evict-first
+    loads) is a cache hint: the same logits, bit for bit, as without."""
+    import moekit.infer.fused_decode as fd
+
+    off, on = _fused_step_both_ways(monkeypatch, fd, "PREFETCH_NEXT", rows)
+    assert torch.equal(off, on)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_routing_in_the_output_projection_on_the_gpu(monkeypatch, rows):
+    """Routing at the end of the output projection, with its programs running at once: logits as
+    with the routing kernel of its own (the same sums up to the order of a reduction; a row routed
+    before its residual was complete would choose other experts and miss by far more); 20 rows are
+    two blocks of the projection."""
+    from moekit.infer import triton_route
+
+    off, on = _fused_step_both_ways(monkeypatch, triton_route, "ROUTE_IN_WO", rows)
+    assert ((on - off).norm() / off.norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("K,N", [(2048, 3072), (2048, 2048), (1024, 1536), (2048, 32000)])
