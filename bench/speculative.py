@@ -92,11 +92,11 @@ def main():
         draft = draft.to(torch.bfloat16) if draft is not None else None
     params = SamplingParams(max_tokens=args.new_tokens, temperature=args.temperature, seed=0 if args.temperature else None,
                             ignore_eos=True)
+    ks = [int(x) for x in str(args.k).split(",")]
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = prompts_from_corpus(args.target, b * max(1, args.prompts // b), args.prompt_chars)
         rounds = [prompts[i:i + b] for i in range(0, len(prompts), b)]
-        ks = [int(x) for x in str(args.k).split(",")]
         cfg = EngineConfig(kv_budget=args.kv_budget, max_num_seqs=b, num_speculative_tokens=ks[0],
                            speculative_max_batch=max(b, 1))
         base = Engine(target, tok, cfg)

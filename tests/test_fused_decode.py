@@ -209,6 +209,19 @@ def test_rope_in_the_qkv_projection_against_float64(H, Hkv, hd, split_k):
     assert not kc[others].any() and not vc[others].any()
 
 
+def _step_on_a_random_cache(model, seed: int, lens: list[int], toks: list[int], slots: list[int]):
+    """One fused decode step over a cache of 12 blocks of random K/V (float32), request i (of up to 3)
+    on blocks 3i+1 ... 3i+3: (logits, K cache, V cache)."""
+    kv = PagedKVCache(model.cfg, num_blocks=12, block_size=BS, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    kv.k.copy_(torch.randn(kv.k.shape, generator=g))
+    kv.v.copy_(torch.randn(kv.v.shape, generator=g))
+    tables = torch.arange(1, 3 * len(lens) + 1, dtype=torch.int32).view(len(lens), 3)
+    lens_t = torch.tensor(lens)
+    logits = FusedDecoder(model, kv.k, kv.v)(torch.tensor(toks), lens_t, torch.tensor(slots), tables, lens_t.int() + 1)
+    return logits, kv.k.clone(), kv.v.clone()
+
+
 def test_rope_in_the_projection_gives_the_separate_kernels_bits(monkeypatch):
     """A decode step with the rotary embedding in the QKV projection and with its own kernel:
     the same logits and cache, bit for bit (float32)."""
@@ -218,15 +231,7 @@ def test_rope_in_the_projection_gives_the_separate_kernels_bits(monkeypatch):
     results = []
     for fused_rope in (True, False):
         monkeypatch.setattr(fd, "FUSED_ROPE", fused_rope)
-        kv = PagedKVCache(model.cfg, num_blocks=12, block_size=BS, device="cpu", dtype=torch.float32)
-        g = torch.Generator().manual_seed(3)
-        kv.k.copy_(torch.randn(kv.k.shape, generator=g))
-        kv.v.copy_(torch.randn(kv.v.shape, generator=g))
-        tables = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.int32)
-        lens = torch.tensor([6, 11])
-        logits = FusedDecoder(model, kv.k, kv.v)(torch.tensor([3, 9]), lens, torch.tensor([2 * BS + 2, 6 * BS + 3]),
-                                                 tables, lens.int() + 1)
-        results.append((logits, kv.k.clone(), kv.v.clone()))
+        results.append(_step_on_a_random_cache(model, 3, [6, 11], [3, 9], [2 * BS + 2, 6 * BS + 3]))
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -240,17 +245,16 @@ def test_routing_in_the_output_projection_matches_its_own_kernel(monkeypatch):
     results = []
     for in_wo in (True, False):
         monkeypatch.setattr(triton_route, "ROUTE_IN_WO", in_wo)
-        kv = PagedKVCache(model.cfg, num_blocks=12, block_size=BS, device="cpu", dtype=torch.float32)
-        g = torch.Generator().manual_seed(4)
-        kv.k.copy_(torch.randn(kv.k.shape, generator=g))
-        kv.v.copy_(torch.randn(kv.v.shape, generator=g))
-        tables = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=torch.int32)
-        lens = torch.tensor([6, 11, 2])
-        logits = FusedDecoder(model, kv.k, kv.v)(torch.tensor([3, 9, 1]), lens,
-                                                 torch.tensor([2 * BS + 2, 6 * BS + 3, 7 * BS + 2]), tables, lens.int() + 1)
-        results.append((logits, kv.k.clone(), kv.v.clone()))
+        results.append(_step_on_a_random_cache(model, 4, [6, 11, 2], [3, 9, 1], [2 * BS + 2, 6 * BS + 3, 7 * BS + 2]))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _route_ref(x: torch.Tensor, gamma: torch.Tensor, wr: torch.Tensor, topk: int):
+    xd = x.double()
+    xn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
+    top, top_ids = torch.softmax(xn @ wr.double().T, -1).topk(topk, -1)
+    return xn, top_ids, top / top.sum(-1, keepdim=True)
 
 
 @pytest.mark.parametrize("bk", [16, 64])
@@ -268,21 +272,11 @@ def test_route_against_float64(bk):
     slots = torch.tensor([4, 5, 0, 6, 7, 8])  # row 2 pads
     _route[(B,)](x, gamma, wr, xn, ids, gates, slots, d, E, 1e-5, x.stride(0), EP=8, BK=bk, TOPK=topk, RENORM=True,
                  PDL=False)
-    xd = x.double()
-    ref_xn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
-    p = torch.softmax(ref_xn @ wr.double().T, -1)
-    top, top_ids = p.topk(topk, -1)
+    ref_xn, ref_ids, ref_gates = _route_ref(x, gamma, wr, topk)
     torch.testing.assert_close(xn.double(), ref_xn, rtol=1e-5, atol=1e-5)
     real = slots != 0
-    assert torch.equal(ids[real].long(), top_ids[real]) and (ids[~real] == -1).all() and (gates[~real] == 0).all()
-    torch.testing.assert_close(gates[real].double(), (top / top.sum(-1, keepdim=True))[real], rtol=1e-5, atol=1e-5)
-
-
-def _route_ref(x: torch.Tensor, gamma: torch.Tensor, wr: torch.Tensor, topk: int):
-    xd = x.double()
-    xn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
-    top, top_ids = torch.softmax(xn @ wr.double().T, -1).topk(topk, -1)
-    return xn, top_ids, top / top.sum(-1, keepdim=True)
+    assert torch.equal(ids[real].long(), ref_ids[real]) and (ids[~real] == -1).all() and (gates[~real] == 0).all()
+    torch.testing.assert_close(gates[real].double(), ref_gates[real], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("split_k", [1, 3])

@@ -126,7 +126,7 @@ class Engine:
             raise ConfigError("num_speculative_tokens must be >= 1")
         lookup_k = (cfg.prompt_lookup_tokens or cfg.num_speculative_tokens) if cfg.prompt_lookup_max else 0
         # the most proposals a step verifies: a drafting step's or a lookup step's
-        most_k = lookup_k if draft is None and cfg.prompt_lookup_max else max(cfg.num_speculative_tokens, lookup_k)
+        most_k = max(cfg.num_speculative_tokens if draft is not None else 0, lookup_k)
         # greedy speculation is lossless while verification runs on the fused step (the same
         # numbers as decoding a row alone): on that path it stops at FUSED_MAX_VERIFY rows
         self.spec_max_batch = cfg.speculative_max_batch
