@@ -165,7 +165,8 @@ def tuned_configs() -> dict:
 
 
 def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, fused: bool, compile: bool = False,
-                  pdl: bool = True, prefetch: bool = False, rope: bool = True, route_in_wo: bool = False):
+                  pdl: bool = True, prefetch: bool = False, rope: bool = True, route_in_wo: bool = False,
+                  prefetch_self: bool = False):
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
     graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch;
     prefetch=True has each layer's expert down projection ask L2 for the next layer's attention
@@ -173,16 +174,22 @@ def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, 
     tiles, so the same tokens); rope=False runs the rotary embedding and K/V store as a kernel of
     their own (its projection is tuned apart, so greedy tokens may differ where a tie falls
     differently);
-    route_in_wo=True routes each layer's rows at the end of its output projection."""
-    from moekit.infer import fused_decode, triton_route, triton_sync
+    route_in_wo=True routes each layer's rows at the end of its output projection;
+    prefetch_self=True has each kernel ask L2 for its first weights (attention: its pages) before
+    it waits for the kernel before it."""
+    from moekit.infer import fused_decode, triton_paged, triton_route, triton_sync
 
-    was = triton_sync.ENABLED, fused_decode.PREFETCH_NEXT, fused_decode.FUSED_ROPE, triton_route.ROUTE_IN_WO
-    triton_sync.ENABLED, fused_decode.PREFETCH_NEXT, fused_decode.FUSED_ROPE, triton_route.ROUTE_IN_WO = (
-        pdl, prefetch, rope, route_in_wo)
+    flags = [(triton_sync, "ENABLED", pdl), (fused_decode, "PREFETCH_NEXT", prefetch), (fused_decode, "FUSED_ROPE", rope),
+             (triton_route, "ROUTE_IN_WO", route_in_wo), (fused_decode, "PREFETCH_SELF", prefetch_self),
+             (triton_paged, "PREFETCH", prefetch_self)]
+    was = [getattr(m, name) for m, name, _ in flags]
+    for m, name, v in flags:
+        setattr(m, name, v)
     try:
         return _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile)
     finally:
-        triton_sync.ENABLED, fused_decode.PREFETCH_NEXT, fused_decode.FUSED_ROPE, triton_route.ROUTE_IN_WO = was
+        for (m, name, _), v in zip(flags, was):
+            setattr(m, name, v)
 
 
 def _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile):
@@ -223,7 +230,8 @@ def main():
     args = ap.parse_args()
     variants = {v for v in args.variants.split(",") if v} | ({"unfused-compiled"} if args.compile else set())
     if variants - {"fused-prefetch", "fused-route-in-wo", "fused-prefetch-route-in-wo", "fused-no-pdl",
-                   "fused-separate-rope", "unfused", "unfused-compiled"}:
+                   "fused-separate-rope", "fused-prefetch-self", "fused-prefetch-self-route-in-wo", "unfused",
+                   "unfused-compiled"}:
         ap.error(f"unknown --variants: {args.variants}")
 
     numerics = check_paged_kernel()
@@ -243,6 +251,8 @@ def main():
     runs = {"moekit-fused": dict(fused=True), "moekit-fused-prefetch": dict(fused=True, prefetch=True),
             "moekit-fused-route-in-wo": dict(fused=True, route_in_wo=True),
             "moekit-fused-prefetch-route-in-wo": dict(fused=True, prefetch=True, route_in_wo=True),
+            "moekit-fused-prefetch-self": dict(fused=True, prefetch_self=True),
+            "moekit-fused-prefetch-self-route-in-wo": dict(fused=True, prefetch_self=True, route_in_wo=True),
             "moekit-fused-no-pdl": dict(fused=True, pdl=False), "moekit-fused-separate-rope": dict(fused=True, rope=False),
             "moekit-unfused": dict(fused=False)}
     if args.compile:

@@ -33,6 +33,10 @@ LINEAR = {"x_ptr": "*fp32", **_ptr("g_ptr w_ptr out_ptr", "*bf16"), "part_ptr": 
           **_ptr("cos_ptr sin_ptr", "*bf16"), "slot_ptr": "*i64", **_ptr("q_ptr k_ptr v_ptr", "*bf16"),
           **_ptr("rg_ptr rw_ptr rxn_ptr", "*bf16"), "rids_ptr": "*i32", "rgates_ptr": "*fp32", "rslots_ptr": "*i64",
           "rsem_ptr": "*i32", "RE": "i32", "r_eps": "fp32"}
+PAGED = {**_ptr("q_ptr k_ptr v_ptr", "*bf16"), **_ptr("bt_ptr lens_ptr", "*i32"), **_ptr("acc_ptr ml_ptr", "*fp32"),
+         "out_ptr": "*bf16", "sem_ptr": "*i32",
+         **_ptr("stride_qb stride_qh stride_kb stride_kt stride_kh stride_btb", "i32"), "sm_scale": "fp32",
+         **_ptr("pages_per_split n_splits", "i32")}
 EXPERT = dict(TOPK=2, RP=16, EP=8, IEEE=False, BM=16, BN=128, BK=64, PDL=True)
 PROJ = dict(BM=16, BN=64, BK=128, USE_DOT=True, IEEE=False, PDL=True)
 
@@ -46,6 +50,12 @@ BUILDS = {
     **{f"wo_route_split{sk}": ("_norm_linear", {**LINEAR, "x_ptr": "*bf16", "out_ptr": "*fp32"},
                                dict(PROJ, NORM=False, ACCUM=True, SPLIT_K=sk, ROUTE=True, EP=8, RBK=2048, TOPK=2,
                                     RENORM=True), 4, 4) for sk in (1, 4)},
+    "down_self_prefetch": ("_expert_down", DOWN, dict(EXPERT, SPLIT_K=4, EVICT="", NEXT=False, LINE=64, PRE=256), 4, 3),
+    "qkv_rope_self_prefetch": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=4, ROPE=True, H=16,
+                                                            HKV=4, HALF=64, PRE=1024), 4, 4),
+    "paged_self_prefetch": ("triton_paged._paged_decode_split", PAGED,
+                            dict(G=4, GP=16, HD=128, PAGE=16, IEEE=False, PDL=True, PRE=True), 4, 3),
+    "paged": ("triton_paged._paged_decode_split", PAGED, dict(G=4, GP=16, HD=128, PAGE=16, IEEE=False, PDL=True), 4, 3),
 }
 MARKS = ("prefetch.global.L2", "evict_first", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "atom")
 
@@ -56,11 +66,12 @@ def _build_all() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from moekit.infer import fused_decode as fd
+    import importlib
 
     out = {}
     for name, (kernel, types, consts, warps, stages) in BUILDS.items():
-        fn = getattr(fd, kernel)
+        module, _, kernel = kernel.rpartition(".")
+        fn = getattr(importlib.import_module(f"moekit.infer.{module or 'fused_decode'}"), kernel)
         # constants left out take the kernel's defaults (some Triton versions need them all named)
         consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.name not in consts}, **consts}
         sig = {**types, **{c: "constexpr" for c in consts}}
@@ -70,7 +81,10 @@ def _build_all() -> dict:
         except Exception as e:  # reported by name to the test, which fails on it (or skips without ptxas)
             out[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             continue
-        out[name] = {m: m in k.asm["ptx"] for m in MARKS}
+        ptx = k.asm["ptx"]
+        out[name] = {m: m in ptx for m in MARKS}
+        # a prefetch issued before the wait for the previous kernel (the first of each in the PTX)
+        out[name]["prefetch_before_wait"] = 0 <= ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait")
     return out
 
 
@@ -115,6 +129,15 @@ def test_qkv_projection_builds_with_and_without_rotary(built, name):
 @pytest.mark.parametrize("split_k", [1, 4])
 def test_output_projection_builds_with_routing(built, split_k):
     assert _marks(built, f"wo_route_split{split_k}")["atom"]  # the count of finished tiles
+
+
+@pytest.mark.parametrize("name", ["down_self_prefetch", "qkv_rope_self_prefetch", "paged_self_prefetch", "paged"])
+def test_self_prefetch_is_asked_before_the_wait_only_when_on(built, name):
+    """MOEKIT_PREFETCH_SELF: a kernel asks L2 for its own first weights (or pages) before it waits
+    for the kernel before it; off, it asks for nothing."""
+    m = _marks(built, name)
+    assert m["griddepcontrol.wait"]
+    assert m["prefetch_before_wait"] == m["prefetch.global.L2"] == ("self_prefetch" in name)
 
 
 if __name__ == "__main__":  # the child process

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.infer.triton_sync import MAX_TILES, gdc, last_to_arrive, pdl_kw, tile_counters
+from moekit.infer.triton_sync import MAX_TILES, gdc, last_to_arrive, pdl_kw, prefetch_l2 as _prefetch_l2, tile_counters
 from moekit.infer.triton_paged import paged_decode_triton
 from moekit.infer.triton_rope import _rope_finish, _rope_row, _rope_store
 from moekit.infer import triton_route
@@ -45,6 +45,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # experts stream their weights with evict-first loads so that what was fetched stays: the small,
 # latency-bound attention kernels then read from L2 (MOEKIT_PREFETCH_NEXT=1: on)
 PREFETCH_NEXT = os.environ.get("MOEKIT_PREFETCH_NEXT", "0") != "0"
+# each weight-reading kernel, once placed beside the kernel before it (programmatic dependent
+# launch), asks L2 for the first of its own weights before it waits for that kernel: the fetch
+# overlaps the previous kernel's tail instead of following it (MOEKIT_PREFETCH_SELF=1: on)
+PREFETCH_SELF = os.environ.get("MOEKIT_PREFETCH_SELF", "0") != "0"
+PRE_COLS, PRE_ROWS = 1024, 256  # how much: columns of K per projection program, rows of F per expert program
 # the rotary embedding and K/V store at the end of the QKV projection (MOEKIT_FUSED_ROPE=0: a
 # kernel of their own, one launch more per layer)
 FUSED_ROPE = os.environ.get("MOEKIT_FUSED_ROPE", "1") != "0"
@@ -61,9 +66,11 @@ def _restore(*names):
 
 # -- 1/4: (RMSNorm +) linear, W in nn.Linear layout [N, K] -----------------------------------------
 @triton.jit
-def _prefetch_l2(ptrs):
-    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
+def _prefetch_tile(ptr, rows, cols, stride, n_rows, n_cols, LINE: tl.constexpr, NL: tl.constexpr):
+    """Ask L2 for rows x (NL lines of LINE elements from each of cols) of a row-major matrix,
+    addresses clamped inside it."""
+    c = tl.minimum(cols + tl.arange(0, NL) * LINE, n_cols - 1)
+    _prefetch_l2(ptr + tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None] * stride + c[None, :])
 
 
 @triton.jit
@@ -104,7 +111,7 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
                  BK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                  PDL: tl.constexpr, ROPE: tl.constexpr = False, H: tl.constexpr = 1, HKV: tl.constexpr = 1, HALF: tl.constexpr = 1,
                  ROUTE: tl.constexpr = False, EP: tl.constexpr = 2, RBK: tl.constexpr = 16, TOPK: tl.constexpr = 1,
-                 RENORM: tl.constexpr = False):
+                 RENORM: tl.constexpr = False, PRE: tl.constexpr = 0):
     """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM. All rows of a BM
     block share each weight tile (tl.dot on rows padded to BM). ACCUM adds into out; otherwise
     out is overwritten.
@@ -132,6 +139,9 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
     wn = _rope_row(n, H + HKV, HALF) if ROPE else n  # the weight row of each column
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
+    if PRE > 0:  # the first PRE columns of this program's weight rows, while the previous kernel runs
+        for k0 in range(k_lo, tl.minimum(tl.minimum(k_lo + k_per, K), k_lo + PRE), BK):
+            _prefetch_tile(w_ptr, wn, k0, stride_wn, N, K, 64, BK // 64)
     gdc(PDL)
     acc = tl.zeros([BM, BN], tl.float32)
     ss = tl.zeros([BM], tl.float32)
@@ -243,6 +253,8 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     args = (x, g if g is not None else x, w, out, part, sem, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0),
             *ptrs, *rargs)
     kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, **rkw, **pdl_kw(x))
+    if PREFETCH_SELF and kw["PDL"] and w.element_size() == 2:  # 64 elements to a 128-byte line
+        kw["PRE"] = PRE_COLS
     if rope is not None:
         pos, cos, _, slots, q, kc, vc, H, Hkv = rope
         hd = N // (H + 2 * Hkv)
@@ -363,7 +375,7 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, 
                  nx1_ptr, nx1_n, nx2_ptr, nx2_n,
                  TOPK: tl.constexpr, RP: tl.constexpr, EP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = "",
-                 NEXT: tl.constexpr = False, LINE: tl.constexpr = 64):
+                 NEXT: tl.constexpr = False, LINE: tl.constexpr = 64, PRE: tl.constexpr = 0):
     """Program (expert e (_slot_expert), block of D, share of F): part[share, r] = h[r] @ w2[e] over the share,
     for the assignments r routed to e (tiles of BM rows, as in _expert_up). The last of the (grid
     rows x SPLIT_K) programs of a block of D to arrive adds, for every row b, out[b] += sum_j gate[b, j]
@@ -371,15 +383,25 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, 
 
     NEXT: each program, its own sums written, asks L2 for its share of nx1 and nx2 (nx1_n and
     nx2_n elements, LINE to a 128-byte line): the weights the next kernels read. A program whose
-    expert no row chose does this at once."""
-    gdc(PDL)
-    e = _slot_expert(ids_ptr, R, E, RP, EP)
+    expert no row chose does this at once.
+
+    PRE: before waiting for the kernel before it (the experts' up projection), each program asks
+    L2 for the first PRE rows of its share of its expert's weights. ids were written by the
+    kernel before that one, which had finished before this kernel's programs could be placed."""
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    n = pid_n * BN + tl.arange(0, BN)
-    nmask = n < D
     k_per = tl.cdiv(tl.cdiv(F, SPLIT_K), BK) * BK
     k_lo = pid_k * k_per
+    if PRE > 0:
+        e = _slot_expert(ids_ptr, R, E, RP, EP)
+        if e < E:
+            kr = k_lo + tl.arange(0, PRE)
+            _prefetch_tile(w2_ptr + e.to(tl.int64) * stride_we, kr, pid_n * BN, D, tl.minimum(k_lo + k_per, F), D,
+                           LINE, BN // LINE)
+    gdc(PDL)
+    e = _slot_expert(ids_ptr, R, E, RP, EP)
+    n = pid_n * BN + tl.arange(0, BN)
+    nmask = n < D
     w_e = e.to(tl.int64) * stride_we
     first_rows, first_valid, count = _expert_rows(ids_ptr, R, e, 0, RP, BM)
     for t in range(0, count, BM):
@@ -466,6 +488,8 @@ def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: tor
     args = (h, ids, gates, w2, part, out, sem, B, R, F, D, E, w2.stride(0), out.stride(0), p1, p1.numel(), p2, p2.numel())
     kw = dict(TOPK=topk, RP=max(16, triton.next_power_of_2(R)), EP=triton.next_power_of_2(E), IEEE=w2.dtype == torch.float32, NEXT=nxt,
               LINE=128 // p1.element_size(), EVICT="evict_first" if nxt else "", **pdl_kw(h))
+    if PREFETCH_SELF and kw["PDL"] and w2.element_size() == 2:
+        kw["PRE"] = PRE_ROWS
     if _INTERPRET or not h.is_cuda:
         _expert_down[(min(E, R), triton.cdiv(D, 32), split_k)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=split_k)
     else:

@@ -6,11 +6,13 @@ multi-query attention reads each K/V page once."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, tile_counters
+from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, prefetch_l2 as _prefetch_l2, tile_counters
 
 
 @triton.jit
@@ -18,8 +20,7 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr, 
                         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb,
                         sm_scale, pages_per_split, n_splits,
                         G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, PAGE: tl.constexpr,
-                        IEEE: tl.constexpr, PDL: tl.constexpr):
-    gdc(PDL)
+                        IEEE: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr = False):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -27,15 +28,22 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr, 
     g = tl.arange(0, GP)
     d = tl.arange(0, HD)
     t = tl.arange(0, PAGE)
+    n_pages = tl.cdiv(ctx, PAGE)
+    first = split * pages_per_split
+    last = tl.minimum(first + pages_per_split, n_pages)
+    if PRE:  # ask L2 for this split's pages (addresses only) while the kernel before runs
+        for p in range(first, last):
+            blk = tl.load(bt_ptr + b * stride_btb + p).to(tl.int64)
+            off = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + (tl.arange(0, 2) * (HD // 2))[None, :]
+            _prefetch_l2(k_ptr + off)
+            _prefetch_l2(v_ptr + off)
+    gdc(PDL)
     gmask = g < G
     heads = kvh * G + g
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, HD], tl.float32)
-    n_pages = tl.cdiv(ctx, PAGE)
-    first = split * pages_per_split
-    last = tl.minimum(first + pages_per_split, n_pages)
     for p in range(first, last):
         blk = tl.load(bt_ptr + b * stride_btb + p).to(tl.int64)
         pos = p * PAGE + t
@@ -84,6 +92,11 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr, 
                  out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
+# with programmatic dependent launch, each program asks L2 for its pages before it waits for the
+# kernel before it (the QKV projection); MOEKIT_PREFETCH_SELF=1, as the fused step's kernels
+PREFETCH = os.environ.get("MOEKIT_PREFETCH_SELF", "0") != "0"
+
+
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor,
                         pages_per_split: int = 8) -> torch.Tensor:
@@ -101,5 +114,6 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         q, k_cache, v_cache, block_tables, context_lens, acc, ml, out, tile_counters(q.device, B * Hkv),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         hd ** -0.5, pages_per_split, n_splits,
-        G=G, GP=max(16, triton.next_power_of_2(G)), HD=hd, PAGE=page, IEEE=q.dtype == torch.float32, **pdl_kw(q))
+        G=G, GP=max(16, triton.next_power_of_2(G)), HD=hd, PAGE=page, IEEE=q.dtype == torch.float32, **pdl_kw(q),
+        PRE=PREFETCH and pdl_kw(q)["PDL"] and hd * k_cache.element_size() == 256)
     return out

@@ -1,0 +1,106 @@
+"""Where a batch-1 decode step's time goes: the fused step's CUDA graph replayed under the
+profiler, and each kernel charged with its marginal time (its end minus the previous kernel's
+end, in stream order), grouped by kernel and summed per step. With programmatic dependent launch
+a kernel starts before the previous one ends, so its own duration counts its wait; the marginal
+time is what it adds to the step.
+
+    python bench/decode_timeline.py                        # bench-decode preset, as bench/decode.py
+    MOEKIT_ROUTE_IN_WO=1 python bench/decode_timeline.py --tag route-in-wo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import copy_tbps, cuda_time_ms, decode_graph_ms, env_info, gpu_tag, write_result  # noqa: E402
+from moekit.config import preset  # noqa: E402
+from moekit.infer.engine import Engine, EngineConfig  # noqa: E402
+from moekit.infer.sampling import SamplingParams  # noqa: E402
+from moekit.model.transformer import build_model, count_model  # noqa: E402
+
+
+def kernel_events(trace: dict) -> list[tuple[str, float, float]]:
+    """(name, start us, end us) of the trace's GPU kernels, in start order."""
+    ev = [(e["name"], float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in trace["traceEvents"]
+          if e.get("cat") == "kernel" and "dur" in e]
+    return sorted(ev, key=lambda e: e[1])
+
+
+def marginal_by_kernel(events: list[tuple[str, float, float]], per_step: int) -> dict:
+    """Per kernel name: calls per step, marginal us per step (end minus the previous end, the
+    first of each step its own duration) and own duration us per step, over whole steps."""
+    steps = len(events) // per_step
+    out: dict[str, dict] = defaultdict(lambda: {"calls": 0, "marginal_us": 0.0, "duration_us": 0.0})
+    for s in range(steps):
+        step = events[s * per_step:(s + 1) * per_step]
+        for i, (name, start, end) in enumerate(step):
+            short = name.split("(")[0].split("<")[0].strip()[:60]
+            prev_end = step[i - 1][2] if i else start
+            out[short]["calls"] += 1
+            out[short]["marginal_us"] += max(end - prev_end, 0.0)
+            out[short]["duration_us"] += end - start
+    return {k: {"calls": v["calls"] / steps, "marginal_us": v["marginal_us"] / steps,
+                "duration_us": v["duration_us"] / steps} for k, v in out.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="bench-decode")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--replays", type=int, default=10)
+    ap.add_argument("--tag", default="default", help="names this run's flags in the result file")
+    args = ap.parse_args()
+
+    cfg = preset(args.preset)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cuda").to(torch.bfloat16).eval()
+    counts = count_model(model, context=args.prompt_len + 128)
+    bw = copy_tbps()
+    weight_bytes = 2 * (counts.matmul_params_active + cfg.d_model)
+    engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=8, cuda_graphs=True))
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0))  # autotune, capture, a real row
+    step_ms = decode_graph_ms(engine.runner, 1)  # also stages a real row into the batch-1 graph
+    graph = engine.runner.graphs[1][0]
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        trace = json.load(open(path))
+    events = kernel_events(trace)
+    per_step = len(events) // args.replays
+    if per_step == 0:
+        sys.exit("the profiler saw no kernels of the replayed graph")
+    table = marginal_by_kernel(events, per_step)
+    total = sum(v["marginal_us"] for v in table.values())
+    ideal_us = weight_bytes / (bw * 1e12) * 1e6
+    payload = {"bench": "decode_timeline", **env_info(), "preset": args.preset, "tag": args.tag,
+               "flags": {k: v for k, v in os.environ.items() if k.startswith("MOEKIT_")},
+               "copy_tbps": bw, "active_weight_bytes": weight_bytes, "weights_at_copy_bw_us": ideal_us,
+               "graph_replay_ms": step_ms, "graph_replay_ms_profiled": cuda_time_ms(graph.replay, warmup=3, iters=20),
+               "kernels_per_step": per_step, "marginal_us_per_step": total, "by_kernel": table}
+    out = write_result(f"decode_timeline_{gpu_tag()}_{args.tag}", payload)
+    print(f"{args.tag}: graph replay {step_ms:.3f} ms; {per_step} kernels per step; weights at copy bandwidth "
+          f"{ideal_us:.0f} us")
+    for k, v in sorted(table.items(), key=lambda kv: -kv[1]["marginal_us"]):
+        print(f"  {k:40s} x{v['calls']:5.1f}  marginal {v['marginal_us']:8.1f} us  "
+              f"({v['marginal_us'] / max(v['calls'], 1):6.2f} each)  own duration {v['duration_us']:8.1f} us")
+    print(f"  sum of marginals {total:.1f} us; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
