@@ -35,6 +35,35 @@ def kernel_events(trace: dict) -> list[tuple[str, float, float]]:
     return sorted(ev, key=lambda e: e[1])
 
 
+def label(step: list[tuple[str, float, float]], i: int) -> str:
+    """A kernel's short name; the projections by their place: before attention the QKV projection,
+    after it the output projection, the last of the step the LM head."""
+    short = step[i][0].split("(")[0].split("<")[0].strip()[:60]
+    if short != "_norm_linear":
+        return short
+    after = step[i + 1][0] if i + 1 < len(step) else ""
+    before = step[i - 1][0] if i else ""
+    if "_paged_decode" in after:
+        return "_norm_linear qkv"
+    if "_paged_decode" in before:
+        return "_norm_linear wo"
+    return "_norm_linear lm_head" if not any("_norm_linear" in e[0] for e in step[i + 1:]) else short
+
+
+def tuned_timings() -> dict:
+    """Per autotuned decode kernel and weight shape: each config's time (ms, Triton's benchmark)."""
+    from moekit.infer import fused_decode as fd
+
+    out = {}
+    for name in ("_norm_linear_store", "_norm_linear_accum", "_norm_linear_rope", "_expert_up_tuned", "_expert_down_tuned"):
+        tuner = getattr(fd, name)
+        timings = getattr(tuner, "configs_timings", None) or {}
+        best = {str(k): v for k, v in tuner.cache.items()}
+        out[name] = {"chosen": best, "timings_ms": {str(c): (t[0] if isinstance(t, (list, tuple)) else t)
+                                                     for c, t in sorted(timings.items(), key=lambda ct: str(ct[1]))}}
+    return out
+
+
 def marginal_by_kernel(events: list[tuple[str, float, float]], per_step: int) -> dict:
     """Per kernel name: calls per step, marginal us per step (end minus the previous end, the
     first of each step its own duration) and own duration us per step, over whole steps."""
@@ -43,7 +72,7 @@ def marginal_by_kernel(events: list[tuple[str, float, float]], per_step: int) ->
     for s in range(steps):
         step = events[s * per_step:(s + 1) * per_step]
         for i, (name, start, end) in enumerate(step):
-            short = name.split("(")[0].split("<")[0].strip()[:60]
+            short = label(step, i)
             prev_end = step[i - 1][2] if i else start
             out[short]["calls"] += 1
             out[short]["marginal_us"] += max(end - prev_end, 0.0)
@@ -92,7 +121,8 @@ def main():
                "flags": {k: v for k, v in os.environ.items() if k.startswith("MOEKIT_")},
                "copy_tbps": bw, "active_weight_bytes": weight_bytes, "weights_at_copy_bw_us": ideal_us,
                "graph_replay_ms": step_ms, "graph_replay_ms_profiled": cuda_time_ms(graph.replay, warmup=3, iters=20),
-               "kernels_per_step": per_step, "marginal_us_per_step": total, "by_kernel": table}
+               "kernels_per_step": per_step, "marginal_us_per_step": total, "by_kernel": table,
+               "autotune": tuned_timings()}
     out = write_result(f"decode_timeline_{gpu_tag()}_{args.tag}", payload)
     print(f"{args.tag}: graph replay {step_ms:.3f} ms; {per_step} kernels per step; weights at copy bandwidth "
           f"{ideal_us:.0f} us")

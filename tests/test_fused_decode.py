@@ -154,8 +154,9 @@ def test_experts_launch_only_the_chosen():
 @pytest.mark.parametrize("Hkv", [1, 2])
 def test_paged_attention_merges_its_splits(Hkv):
     """Paged decode attention with the context over several splits (the last program of a row's
-    KV head merges them) against a float64 gather-and-attend reference; contexts from one token to
-    the whole table, blocks scattered."""
+    KV head merges them), chunks of 16 to 64 tokens gathered across pages and up to three chunks
+    a split, against a float64 gather-and-attend reference; contexts from one token to the whole
+    table, blocks scattered."""
     from moekit.infer.paged_attention import paged_decode_reference
     from moekit.infer.triton_paged import paged_decode_triton
 
@@ -167,9 +168,11 @@ def test_paged_attention_merges_its_splits(Hkv):
     lens = torch.tensor([1, 4, 5, 17, page * max_pages], dtype=torch.int32)
     q = torch.randn(B, H, hd, generator=g)
     ref = paged_decode_reference(q.double(), kc.double(), vc.double(), tables.long(), lens)
-    for per_split in (1, 2, 8):
-        out = paged_decode_triton(q, kc, vc, tables, lens, pages_per_split=per_split)
+    for tokens, splits in ((16, 64), (16, 1), (32, 2), (64, 64)):  # 1 ... 3 chunks a split, chunks over pages
+        out = paged_decode_triton(q, kc, vc, tables, lens, tokens_per_chunk=tokens, max_splits=splits)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    out = paged_decode_triton(q, kc, vc, tables, torch.tensor([0, 3, 0, 1, 2], dtype=torch.int32))
+    assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]]))  # an empty row (padding): zeros
 
 
 @pytest.mark.parametrize("H,Hkv,hd,split_k", [(3, 1, 20, 1), (2, 2, 64, 2), (4, 1, 16, 3)])

@@ -36,7 +36,7 @@ LINEAR = {"x_ptr": "*fp32", **_ptr("g_ptr w_ptr out_ptr", "*bf16"), "part_ptr": 
 PAGED = {**_ptr("q_ptr k_ptr v_ptr", "*bf16"), **_ptr("bt_ptr lens_ptr", "*i32"), **_ptr("acc_ptr ml_ptr", "*fp32"),
          "out_ptr": "*bf16", "sem_ptr": "*i32",
          **_ptr("stride_qb stride_qh stride_kb stride_kt stride_kh stride_btb", "i32"), "sm_scale": "fp32",
-         **_ptr("pages_per_split n_splits", "i32")}
+         "n_splits": "i32"}
 EXPERT = dict(TOPK=2, RP=16, EP=8, IEEE=False, BM=16, BN=128, BK=64, PDL=True)
 PROJ = dict(BM=16, BN=64, BK=128, USE_DOT=True, IEEE=False, PDL=True)
 
@@ -54,8 +54,8 @@ BUILDS = {
     "qkv_rope_self_prefetch": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=4, ROPE=True, H=16,
                                                             HKV=4, HALF=64, PRE=1024), 4, 4),
     "paged_self_prefetch": ("triton_paged._paged_decode_split", PAGED,
-                            dict(G=4, GP=16, HD=128, PAGE=16, IEEE=False, PDL=True, PRE=True), 4, 3),
-    "paged": ("triton_paged._paged_decode_split", PAGED, dict(G=4, GP=16, HD=128, PAGE=16, IEEE=False, PDL=True), 4, 3),
+                            dict(G=4, GP=16, HD=128, PAGE=16, TOK=64, IEEE=False, PDL=True, PRE=True), 4, 3),
+    "paged": ("triton_paged._paged_decode_split", PAGED, dict(G=4, GP=16, HD=128, PAGE=16, TOK=64, IEEE=False, PDL=True), 4, 3),
 }
 MARKS = ("prefetch.global.L2", "evict_first", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "atom")
 

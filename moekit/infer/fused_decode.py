@@ -436,14 +436,18 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, 
             tl.store(optr, tl.load(optr, mask=m, other=0.0) + y, mask=m)
 
 
+_EXPERT_TILES = ((64, 64), (128, 64), (64, 128), (256, 64), (128, 128))  # (BN, BK); deeper pipelines, more warps
+_EXPERT_LAUNCH = ((4, 3), (4, 4), (8, 4))  # (num_warps, num_stages)
+
+
 def _up_configs():
-    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=4, num_stages=3)
-            for bn, bk in ((64, 64), (128, 64), (64, 128)) for sk in (1, 2, 4, 8)]
+    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+            for bn, bk in _EXPERT_TILES for sk in (1, 2, 4) for w, st in _EXPERT_LAUNCH]
 
 
 def _down_configs():
-    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=4, num_stages=3)
-            for bn, bk in ((64, 64), (128, 64), (64, 128), (256, 64)) for sk in (4, 8, 16)]
+    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+            for bn, bk in _EXPERT_TILES for sk in (2, 4, 8, 16) for w, st in _EXPERT_LAUNCH]
 
 
 # tuned once per weight shape (tensor-core tiles of 16 rows): the same numbers for every batch; the
