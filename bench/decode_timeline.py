@@ -58,7 +58,7 @@ def tuned_timings() -> dict:
     for name in ("_norm_linear_store", "_norm_linear_accum", "_norm_linear_rope", "_expert_up_tuned", "_expert_down_tuned"):
         tuner = getattr(fd, name)
         timings = getattr(tuner, "configs_timings", None) or {}
-        best = {str(k): v for k, v in tuner.cache.items()}
+        best = {str(k): str(v) for k, v in tuner.cache.items()}
         out[name] = {"chosen": best, "timings_ms": {str(c): (t[0] if isinstance(t, (list, tuple)) else t)
                                                      for c, t in sorted(timings.items(), key=lambda ct: str(ct[1]))}}
     return out
@@ -123,12 +123,12 @@ def main():
                "graph_replay_ms": step_ms, "graph_replay_ms_profiled": cuda_time_ms(graph.replay, warmup=3, iters=20),
                "kernels_per_step": per_step, "marginal_us_per_step": total, "by_kernel": table,
                "autotune": tuned_timings()}
-    out = write_result(f"decode_timeline_{gpu_tag()}_{args.tag}", payload)
     print(f"{args.tag}: graph replay {step_ms:.3f} ms; {per_step} kernels per step; weights at copy bandwidth "
           f"{ideal_us:.0f} us")
     for k, v in sorted(table.items(), key=lambda kv: -kv[1]["marginal_us"]):
         print(f"  {k:40s} x{v['calls']:5.1f}  marginal {v['marginal_us']:8.1f} us  "
               f"({v['marginal_us'] / max(v['calls'], 1):6.2f} each)  own duration {v['duration_us']:8.1f} us")
+    out = write_result(f"decode_timeline_{gpu_tag()}_{args.tag}", payload)
     print(f"  sum of marginals {total:.1f} us; wrote {out}")
 
 
