@@ -37,6 +37,8 @@ PAGED = {**_ptr("q_ptr k_ptr v_ptr", "*bf16"), **_ptr("bt_ptr lens_ptr", "*i32")
          "out_ptr": "*bf16", "sem_ptr": "*i32",
          **_ptr("stride_qb stride_qh stride_kb stride_kt stride_kh stride_btb", "i32"), "sm_scale": "fp32",
          "n_splits": "i32"}
+ROUTE = {"x_ptr": "*fp32", **_ptr("g_ptr wr_ptr xn_ptr", "*bf16"), "ids_ptr": "*i32", "gates_ptr": "*fp32",
+         "slots_ptr": "*i32", **_ptr("K E", "i32"), "eps": "fp32", "stride_xb": "i32"}
 EXPERT = dict(TOPK=2, RP=16, EP=8, IEEE=False, BM=16, BN=128, BK=64, PDL=True)
 PROJ = dict(BM=16, BN=64, BK=128, USE_DOT=True, IEEE=False, PDL=True)
 
@@ -47,14 +49,18 @@ BUILDS = {
     "up_evict_first": ("_expert_up", UP, dict(EXPERT, SPLIT_K=2, EVICT="evict_first"), 4, 3),
     "qkv_rope": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=8, ROPE=True, H=16, HKV=4, HALF=64), 4, 4),
     "qkv": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=8, ROPE=False), 4, 4),
+    "qkv_plain": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=8, ROPE=False, PRELOAD=False), 4, 4),
     **{f"wo_route_split{sk}": ("_norm_linear", {**LINEAR, "x_ptr": "*bf16", "out_ptr": "*fp32"},
                                dict(PROJ, NORM=False, ACCUM=True, SPLIT_K=sk, ROUTE=True, EP=8, RBK=2048, TOPK=2,
                                     RENORM=True), 4, 4) for sk in (1, 4)},
     "down_self_prefetch": ("_expert_down", DOWN, dict(EXPERT, SPLIT_K=4, EVICT="", NEXT=False, LINE=64, PRE=256), 4, 3),
+    "wo_preload": ("_norm_linear", {**LINEAR, "x_ptr": "*bf16", "out_ptr": "*fp32"},
+                   dict(PROJ, NORM=False, ACCUM=True, SPLIT_K=4, PRELOAD=True), 4, 4),
     "qkv_rope_self_prefetch": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=4, ROPE=True, H=16,
                                                             HKV=4, HALF=64, PRE=1024), 4, 4),
     "paged_self_prefetch": ("triton_paged._paged_decode_split", PAGED,
                             dict(G=4, GP=16, HD=128, PAGE=16, TOK=64, IEEE=False, PDL=True, PRE=True), 4, 3),
+    "route": ("triton_route._route", ROUTE, dict(EP=8, BK=2048, TOPK=2, RENORM=True, PDL=True), 8, 3),
     "paged": ("triton_paged._paged_decode_split", PAGED, dict(G=4, GP=16, HD=128, PAGE=16, TOK=64, IEEE=False, PDL=True), 4, 3),
 }
 MARKS = ("prefetch.global.L2", "evict_first", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "atom")
@@ -85,6 +91,7 @@ def _build_all() -> dict:
         out[name] = {m: m in ptx for m in MARKS}
         # a prefetch issued before the wait for the previous kernel (the first of each in the PTX)
         out[name]["prefetch_before_wait"] = 0 <= ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait")
+        out[name]["load_before_wait"] = 0 <= ptx.find("ld.global") < ptx.find("griddepcontrol.wait")
     return out
 
 
@@ -129,6 +136,19 @@ def test_qkv_projection_builds_with_and_without_rotary(built, name):
 @pytest.mark.parametrize("split_k", [1, 4])
 def test_output_projection_builds_with_routing(built, split_k):
     assert _marks(built, f"wo_route_split{split_k}")["atom"]  # the count of finished tiles
+
+
+@pytest.mark.parametrize("name", ["route", "qkv_rope", "wo_preload"])
+def test_inputs_no_kernel_writes_are_loaded_before_the_wait(built, name):
+    """The router's and the norm's weights (routing), the rotation's cos, sin and cache slots (the
+    QKV projection), a projection's first block of weights (PRELOAD): loaded before waiting for
+    the kernel before."""
+    m = _marks(built, name)
+    assert m["griddepcontrol.wait"] and m["load_before_wait"]
+
+
+def test_a_projection_without_rotary_or_preload_loads_nothing_before_the_wait(built):
+    assert not _marks(built, "qkv_plain")["load_before_wait"]
 
 
 @pytest.mark.parametrize("name", ["down_self_prefetch", "qkv_rope_self_prefetch", "paged_self_prefetch", "paged"])

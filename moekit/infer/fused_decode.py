@@ -35,7 +35,7 @@ import triton.language as tl
 
 from moekit.infer.triton_sync import MAX_TILES, gdc, last_to_arrive, pdl_kw, prefetch_l2 as _prefetch_l2, tile_counters
 from moekit.infer.triton_paged import paged_decode_triton
-from moekit.infer.triton_rope import _rope_finish, _rope_row, _rope_store
+from moekit.infer.triton_rope import _rope_finish, _rope_row, _rope_store, _rope_trig
 from moekit.infer import triton_route
 from moekit.infer.triton_route import _route_block
 
@@ -49,6 +49,9 @@ PREFETCH_NEXT = os.environ.get("MOEKIT_PREFETCH_NEXT", "0") != "0"
 # launch), asks L2 for the first of its own weights before it waits for that kernel: the fetch
 # overlaps the previous kernel's tail instead of following it (MOEKIT_PREFETCH_SELF=1: on)
 PREFETCH_SELF = os.environ.get("MOEKIT_PREFETCH_SELF", "0") != "0"
+# each projection program loads its weights' first block into registers before it waits for the
+# kernel before it (MOEKIT_PRELOAD_FIRST=0: after)
+PRELOAD_FIRST = os.environ.get("MOEKIT_PRELOAD_FIRST", "1") != "0"
 PRE_COLS, PRE_ROWS = 1024, 256  # how much: columns of K per projection program, rows of F per expert program
 # the rotary embedding and K/V store at the end of the QKV projection (MOEKIT_FUSED_ROPE=0: a
 # kernel of their own, one launch more per layer)
@@ -88,19 +91,43 @@ def _prefetch_range(ptr, n, part, parts, LINE: tl.constexpr, CHUNK: tl.constexpr
 
 @triton.jit
 def _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM: tl.constexpr, ACCUM: tl.constexpr,
-            w_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, n0, N, BM: tl.constexpr, BN: tl.constexpr,
+            w_ptr, trig, q_ptr, k_ptr, v_ptr, n0, N, BM: tl.constexpr, BN: tl.constexpr,
             ROPE: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
     if NORM:
         acc = acc / tl.sqrt(ss / K + eps)[:, None]
     if ROPE:  # rounded as the stored projection (in the weights' dtype) would be
-        _rope_finish(acc.to(w_ptr.dtype.element_ty).to(tl.float32), rows, n0, rmask, N, pos_ptr, cos_ptr, sin_ptr,
-                     slot_ptr, q_ptr, k_ptr, v_ptr, BM, BN, H, HKV, HALF)
+        c, s, slot = trig
+        _rope_finish(acc.to(w_ptr.dtype.element_ty).to(tl.float32), rows, n0, rmask, N, c, s, slot,
+                     q_ptr, k_ptr, v_ptr, BM, BN, H, HKV, HALF)
     else:
         optr = out_ptr + rows[:, None] * stride_ob + n[None, :]
         omask = rmask[:, None] & nmask[None, :]
         if ACCUM:
             acc += tl.load(optr, mask=omask, other=0.0)
         tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _linear_block(acc, ss, x_ptr, g_ptr, rows, rmask, stride_xb, k0, K, w, NORM: tl.constexpr, USE_DOT: tl.constexpr,
+                  IEEE: tl.constexpr, BK: tl.constexpr):
+    """acc += f(x)[rows, k0 ... k0 + BK] @ w.T for the weights' block w [BN, BK]; ss += the
+    block's sums of squares (NORM: x scaled by the norm's weights g, the RMS applied at the end)."""
+    kk = k0 + tl.arange(0, BK)
+    kmask = kk < K
+    xk = tl.load(x_ptr + rows[:, None] * stride_xb + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                 other=0.0).to(tl.float32)
+    if NORM:  # RMSNorm(x) g @ w = rstd * ((x g) @ w): one pass, rstd applied at the end
+        ss += tl.sum(xk * xk, 1)
+        xk = xk * tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
+    if USE_DOT:  # tensor cores on rows padded to BM >= 16
+        if IEEE:  # float32 weights: full precision, not TF32
+            acc += tl.dot(xk.to(w.dtype), tl.trans(w), out_dtype=tl.float32, input_precision="ieee")
+        else:
+            acc += tl.dot(xk.to(w.dtype), tl.trans(w), out_dtype=tl.float32)
+    else:  # a few rows: multiply and reduce in registers
+        xr = xk.to(w.dtype).to(tl.float32)
+        acc += tl.sum(xr[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+    return acc, ss
 
 
 @triton.jit
@@ -111,7 +138,7 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
                  BK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                  PDL: tl.constexpr, ROPE: tl.constexpr = False, H: tl.constexpr = 1, HKV: tl.constexpr = 1, HALF: tl.constexpr = 1,
                  ROUTE: tl.constexpr = False, EP: tl.constexpr = 2, RBK: tl.constexpr = 16, TOPK: tl.constexpr = 1,
-                 RENORM: tl.constexpr = False, PRE: tl.constexpr = 0):
+                 RENORM: tl.constexpr = False, PRE: tl.constexpr = 0, PRELOAD: tl.constexpr = False):
     """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM. All rows of a BM
     block share each weight tile (tl.dot on rows padded to BM). ACCUM adds into out; otherwise
     out is overwritten.
@@ -142,30 +169,27 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
     if PRE > 0:  # the first PRE columns of this program's weight rows, while the previous kernel runs
         for k0 in range(k_lo, tl.minimum(tl.minimum(k_lo + k_per, K), k_lo + PRE), BK):
             _prefetch_tile(w_ptr, wn, k0, stride_wn, N, K, 64, BK // 64)
+    trig = (0.0, 0.0, 0)
+    if ROPE:  # the rotation's inputs are not the previous kernel's: loaded before waiting for it
+        trig = _rope_trig(rows, pid_n * BN, rmask, pos_ptr, cos_ptr, sin_ptr, slot_ptr, BN, H, HKV, HALF)
+    if PRELOAD:  # the weights' first block, into registers while the previous kernel runs
+        w_first = tl.load(w_ptr + wn[:, None] * stride_wn + (k_lo + tl.arange(0, BK))[None, :],
+                          mask=nmask[:, None] & (k_lo + tl.arange(0, BK) < K)[None, :], other=0.0)
     gdc(PDL)
     acc = tl.zeros([BM, BN], tl.float32)
     ss = tl.zeros([BM], tl.float32)
-    for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BK):
+    k_start = k_lo
+    if PRELOAD:
+        acc, ss = _linear_block(acc, ss, x_ptr, g_ptr, rows, rmask, stride_xb, k_lo, K, w_first, NORM, USE_DOT, IEEE, BK)
+        k_start = k_lo + BK
+    for k0 in range(k_start, tl.minimum(k_lo + k_per, K), BK):
         kk = k0 + tl.arange(0, BK)
-        kmask = kk < K
-        xk = tl.load(x_ptr + rows[:, None] * stride_xb + kk[None, :], mask=rmask[:, None] & kmask[None, :],
-                     other=0.0).to(tl.float32)
-        if NORM:  # RMSNorm(x) g @ w = rstd * ((x g) @ w): one pass, rstd applied at the end
-            ss += tl.sum(xk * xk, 1)
-            xk = xk * tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        w = tl.load(w_ptr + wn[:, None] * stride_wn + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+        w = tl.load(w_ptr + wn[:, None] * stride_wn + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :],
                     other=0.0)  # [BN, BK], rows contiguous
-        if USE_DOT:  # tensor cores on rows padded to BM >= 16
-            if IEEE:  # float32 weights: full precision, not TF32
-                acc += tl.dot(xk.to(w.dtype), tl.trans(w), out_dtype=tl.float32, input_precision="ieee")
-            else:
-                acc += tl.dot(xk.to(w.dtype), tl.trans(w), out_dtype=tl.float32)
-        else:  # a few rows: multiply and reduce in registers
-            xr = xk.to(w.dtype).to(tl.float32)
-            acc += tl.sum(xr[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+        acc, ss = _linear_block(acc, ss, x_ptr, g_ptr, rows, rmask, stride_xb, k0, K, w, NORM, USE_DOT, IEEE, BK)
     if SPLIT_K == 1:
         _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM, w_ptr,
-                pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, pid_n * BN, N, BM, BN, ROPE, H, HKV, HALF)
+                trig, q_ptr, k_ptr, v_ptr, pid_n * BN, N, BM, BN, ROPE, H, HKV, HALF)
         if ROUTE:
             _route_block(rsem_ptr, pid_m, tl.num_programs(1), out_ptr, rg_ptr, rw_ptr, rxn_ptr, rids_ptr, rgates_ptr,
                          rslots_ptr, B, N, RE, r_eps, stride_ob, EP, RBK, TOPK, RENORM, BM)
@@ -183,7 +207,7 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
                 if NORM:
                     ss += tl.load(part_ptr + SPLIT_K * mp * N + sk * mp + rows, cache_modifier=".cg")
             _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM, w_ptr,
-                    pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, pid_n * BN, N, BM, BN, ROPE, H, HKV, HALF)
+                    trig, q_ptr, k_ptr, v_ptr, pid_n * BN, N, BM, BN, ROPE, H, HKV, HALF)
             if ROUTE:
                 _route_block(rsem_ptr, pid_m, tl.num_programs(1), out_ptr, rg_ptr, rw_ptr, rxn_ptr, rids_ptr,
                              rgates_ptr, rslots_ptr, B, N, RE, r_eps, stride_ob, EP, RBK, TOPK, RENORM, BM)
@@ -255,6 +279,7 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, **rkw, **pdl_kw(x))
     if PREFETCH_SELF and kw["PDL"] and w.element_size() == 2:  # 64 elements to a 128-byte line
         kw["PRE"] = PRE_COLS
+    kw["PRELOAD"] = PRELOAD_FIRST
     if rope is not None:
         pos, cos, _, slots, q, kc, vc, H, Hkv = rope
         hd = N // (H + 2 * Hkv)
@@ -533,6 +558,23 @@ class FusedDecoder:
         self.kv_k, self.kv_v = kv_k, kv_v  # [n_layers, num_blocks, block, Hkv, hd]
         self.wqkv: list[torch.Tensor] = []
         self._fuse()
+        if model.embed.weight.is_cuda and not _INTERPRET:
+            self._tune_experts()
+
+    @torch.no_grad()
+    def _tune_experts(self) -> None:
+        """Tune the experts' kernels on one row that chooses top_k distinct experts, as a batch-1
+        decode step does. They are tuned at their first call, once per weight shape: were that a
+        warm-up or graph capture on padding rows (which choose no expert and read no weights),
+        every tile would time alike and the choice would be arbitrary."""
+        c, ex = self.cfg, self.model.blocks[0].ffn.experts
+        dev = ex.w1.device
+        ids = torch.arange(c.top_k, device=dev, dtype=torch.int32).view(1, -1)
+        g = torch.Generator(device=dev).manual_seed(0)
+        xn = torch.randn(1, c.d_model, device=dev, generator=g).to(ex.w1.dtype)
+        h = expert_up(xn, ids, ex.w1, ex.w3)
+        expert_down(h, ids, torch.full((1, c.top_k), 1.0 / c.top_k, device=dev), ex.w2,
+                    torch.zeros(1, c.d_model, device=dev))
 
     @torch.no_grad()
     def _fuse(self) -> None:

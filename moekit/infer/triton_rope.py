@@ -56,11 +56,30 @@ def _rope_row(n, QK: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def _rope_finish(acc, rows, n0, rmask, N, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
+def _rope_trig(rows, n0, rmask, pos_ptr, cos_ptr, sin_ptr, slot_ptr, BN: tl.constexpr, H: tl.constexpr,
+               HKV: tl.constexpr, HALF: tl.constexpr):
+    """What _rope_finish needs besides the sums, for columns n0 ... n0 + BN of rows `rows`: cos and
+    sin at each row's position for each rotary pair, and each row's cache slot. None of it is
+    written by the kernels of a step, so a kernel may load it before waiting for the one before."""
+    HD: tl.constexpr = 2 * HALF
+    ne = n0 + 2 * tl.arange(0, BN // 2)  # the even columns
+    roped = ne // HD < H + HKV
+    pair = (ne % HD) // 2
+    pos = tl.load(pos_ptr + rows, mask=rmask, other=0)
+    trig = pos[:, None] * HD + pair[None, :]
+    c = tl.load(cos_ptr + trig, mask=rmask[:, None] & roped[None, :], other=1.0)
+    s = tl.load(sin_ptr + trig, mask=rmask[:, None] & roped[None, :], other=0.0)
+    slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)  # slots x heads x hd can pass 2^31
+    return c, s, slot
+
+
+@triton.jit
+def _rope_finish(acc, rows, n0, rmask, N, c, s, slot, q_ptr, k_ptr, v_ptr,
                  BM: tl.constexpr, BN: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
     """acc [BM, BN] float32, rounded as the stored projection would be: columns n0 ... n0 + BN (in
-    _rope_row's order) of rows `rows`. Rotates the pairs of q and k at each row's position and
-    writes q [B, H, hd] and k, v into each row's cache slot ([slots, HKV, hd])."""
+    _rope_row's order) of rows `rows`; c, s, slot: _rope_trig's. Rotates the pairs of q and k at
+    each row's position and writes q [B, H, hd] and k, v into each row's cache slot
+    ([slots, HKV, hd])."""
     HD: tl.constexpr = 2 * HALF
     x1, x2 = tl.split(tl.reshape(acc, [BM, BN // 2, 2]))  # columns n0 + 2i and n0 + 2i + 1
     ne = n0 + 2 * tl.arange(0, BN // 2)  # the even columns
@@ -69,13 +88,8 @@ def _rope_finish(acc, rows, n0, rmask, N, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q
     pair = (ne % HD) // 2
     d1 = tl.where(roped, pair, ne % HD)  # where the two columns go within their head
     d2 = tl.where(roped, pair + HALF, ne % HD + 1)
-    pos = tl.load(pos_ptr + rows, mask=rmask, other=0)
-    trig = pos[:, None] * HD + pair[None, :]
-    c = tl.load(cos_ptr + trig, mask=rmask[:, None] & roped[None, :], other=1.0)
-    s = tl.load(sin_ptr + trig, mask=rmask[:, None] & roped[None, :], other=0.0)
     y1 = tl.where(roped[None, :], x1 * c - x2 * s, x1)  # v unchanged
     y2 = tl.where(roped[None, :], x2 * c + x1 * s, x2)
-    slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)  # slots x heads x hd can pass 2^31
     m = rmask[:, None] & (ne < N)[None, :]
     mq = m & (head < H)[None, :]
     mk = m & ((head >= H) & roped)[None, :]

@@ -18,12 +18,25 @@ BLOCKS = 64  # the row blocks a routing projection counts, at the top of the til
 
 
 @triton.jit
+def _route_weights(g_ptr, wr_ptr, K, E, EP: tl.constexpr, BK: tl.constexpr):
+    """The norm's and the router's weights as one tile (K <= BK): no kernel of a step writes them,
+    so a kernel may load them before it waits for the one before."""
+    kk = tl.arange(0, BK)
+    kmask = kk < K
+    e = tl.arange(0, EP)
+    g = tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+    w = tl.load(wr_ptr + e[:, None] * K + kk[None, :], mask=(e < E)[:, None] & kmask[None, :], other=0.0)
+    return g, w
+
+
+@triton.jit
 def _route_row(b, x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, slots_ptr, K, E, eps, stride_xb,
-               EP: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr):
+               EP: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr, gw=None):
     """Row b: xn = RMSNorm(x) (stored in the weights' dtype, as the experts read it), logits =
     xn @ wr.T in float32, softmax, the TOPK largest (ids and gates). A padding row (its K/V slot 0,
     the scratch block's) chooses no expert (ids -1, gates 0): a graph's padding rows add no expert
-    weights to the step's reads. x is read from L2 (.cg): other programs may have just written it."""
+    weights to the step's reads. x is read from L2 (.cg): other programs may have just written it.
+    gw: _route_weights' tiles, loaded already (K <= BK)."""
     pad = tl.load(slots_ptr + b) == 0
     e = tl.arange(0, EP)
     emask = e < E
@@ -31,8 +44,10 @@ def _route_row(b, x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, slots_ptr, K
         kk = tl.arange(0, BK)
         kmask = kk < K
         xk = tl.load(x_ptr + b * stride_xb + kk, mask=kmask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        g = tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-        w = tl.load(wr_ptr + e[:, None] * K + kk[None, :], mask=emask[:, None] & kmask[None, :], other=0.0)
+        if gw is None:
+            g, w = _route_weights(g_ptr, wr_ptr, K, E, EP, BK)
+        else:
+            g, w = gw
         rstd = 1.0 / tl.sqrt(tl.sum(xk * xk, 0) / K + eps)
         xn = (xk * rstd * g).to(xn_ptr.dtype.element_ty)
         tl.store(xn_ptr + b * K + kk, xn, mask=kmask)
@@ -77,10 +92,16 @@ def _route_row(b, x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, slots_ptr, K
 @triton.jit
 def _route(x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, slots_ptr, K, E, eps, stride_xb,
            EP: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
-    """One program per row (_route_row)."""
-    gdc(PDL)
-    _route_row(tl.program_id(0), x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, slots_ptr, K, E, eps, stride_xb,
-               EP, BK, TOPK, RENORM)
+    """One program per row (_route_row); the weights of one tile are loaded before the wait."""
+    if K <= BK:
+        gw = _route_weights(g_ptr, wr_ptr, K, E, EP, BK)
+        gdc(PDL)
+        _route_row(tl.program_id(0), x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, slots_ptr, K, E, eps,
+                   stride_xb, EP, BK, TOPK, RENORM, gw)
+    else:
+        gdc(PDL)
+        _route_row(tl.program_id(0), x_ptr, g_ptr, wr_ptr, xn_ptr, ids_ptr, gates_ptr, slots_ptr, K, E, eps,
+                   stride_xb, EP, BK, TOPK, RENORM)
 
 
 @triton.jit
