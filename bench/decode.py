@@ -164,9 +164,12 @@ def tuned_configs() -> dict:
     return out
 
 
+TUNING: dict = {}  # what graph tuning chose (--tune-graph)
+
+
 def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, fused: bool, compile: bool = False,
                   pdl: bool = True, prefetch: bool = False, rope: bool = True, route_in_wo: bool = False,
-                  prefetch_self: bool = False):
+                  prefetch_self: bool = False, tune: bool = False):
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
     graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch;
     prefetch=True has each layer's expert down projection ask L2 for the next layer's attention
@@ -186,18 +189,40 @@ def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, 
     for m, name, v in flags:
         setattr(m, name, v)
     try:
-        return _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile)
+        return _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile, tune)
     finally:
         for (m, name, _), v in zip(flags, was):
             setattr(m, name, v)
 
 
-def _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile):
+def tune_graph(runner) -> dict:
+    """moekit.infer.graph_tune on the batch-1 decode graph, with the real row the warm-up left in
+    it; the graphs of other sizes are dropped (captured again, with the chosen tiles, when used)."""
+    from moekit.infer.graph_tune import tune_in_graph
+
+    real = next(buf["stage"][0].clone() for _, buf in runner.graphs.values() if int(buf["stage"][0, 2]) != 0)
+
+    def step_ms() -> float:
+        runner.capture_graph(1)
+        graph, buf = runner.graphs[1]
+        buf["stage"][0] = real
+        return cuda_time_ms(graph.replay, warmup=3, iters=30)
+
+    t = time.perf_counter()
+    chosen = tune_in_graph(step_ms)
+    for b in [b for b in runner.graphs if b != 1]:
+        del runner.graphs[b]
+    return {"chosen": chosen, "seconds": time.perf_counter() - t}
+
+
+def _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile, tune=False):
     engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=max_num_seqs, cuda_graphs=True,
                                               compile=compile, fused_decode=fused))
     t = time.perf_counter()
     engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0))  # warm-up, autotune, graph capture
     startup_s = time.perf_counter() - t
+    if tune:
+        TUNING.update(tune_graph(engine.runner))
     rid = engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
     engine.step()  # prefill + first token
     torch.cuda.synchronize()
@@ -225,6 +250,8 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also run the model path compiled inside the CUDA graphs")
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--profile", action="store_true", help="print the kernel table of the fused decode step")
+    ap.add_argument("--tune-graph", action="store_true",
+                    help="refine the decode kernels' tiles inside the batch-1 decode graph first (moekit.infer.graph_tune)")
     ap.add_argument("--variants", default="fused-prefetch,fused-route-in-wo,fused-prefetch-route-in-wo,fused-no-pdl,unfused",
                     help="engine variants timed beside moekit-fused (comma-separated; empty: none)")
     args = ap.parse_args()
@@ -248,7 +275,7 @@ def main():
     roofline = bw * 1e12 / (weight_bytes + kv_bytes)
 
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    runs = {"moekit-fused": dict(fused=True), "moekit-fused-prefetch": dict(fused=True, prefetch=True),
+    runs = {"moekit-fused": dict(fused=True, tune=args.tune_graph), "moekit-fused-prefetch": dict(fused=True, prefetch=True),
             "moekit-fused-route-in-wo": dict(fused=True, route_in_wo=True),
             "moekit-fused-prefetch-route-in-wo": dict(fused=True, prefetch=True, route_in_wo=True),
             "moekit-fused-prefetch-self": dict(fused=True, prefetch_self=True),
@@ -304,7 +331,7 @@ def main():
                "greedy_tokens_identical_rope_in_qkv_vs_separate": rope_same,
                "greedy_tokens_identical_prefetch_vs_not": prefetch_same,
                "greedy_tokens_identical_to_fused": {k: v == fused for k, v in tokens.items() if k != "moekit-fused"},
-               "decode_graph_ms_by_batch": step_ms, "kernels_batch1": kernels,
+               "decode_graph_ms_by_batch": step_ms, "kernels_batch1": kernels, "graph_tuning": TUNING or None,
                "decode_graph_fraction_of_roofline": {k: 1e3 / v[1] / roofline for k, v in step_ms.items()
                                                      if v.get(1) is not None},
                "tok_s": results,

@@ -1,0 +1,62 @@
+"""Tile choice of the fused decode kernels inside the decode graph they run in.
+
+Triton's autotuner times each kernel alone, on a cold cache. Inside a decode step the kernels
+overlap (programmatic dependent launch places a kernel's programs while the one before runs, and
+they load what no kernel of the step writes before they wait), so the tile that is fastest alone
+is not always the one that makes the step fastest. This refines the autotuner's choice kernel by
+kernel: for each tuned kernel and weight shape, every tile it may take is put in the tuner's
+cache, the decode graph is captured again and replayed, and the tile of the fastest step stays
+(one kernel at a time, the others at their best so far).
+
+A tile changes how a projection splits its sums, so the chosen tiles give other logits in the
+last bits than the autotuner's would (each tile's numbers are still the same for every batch and
+every run); the engine keeps whatever tiles are in the tuners' caches when a graph is captured.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from moekit.infer import fused_decode as fd
+
+TUNERS = ("_norm_linear_rope", "_norm_linear_accum", "_norm_linear_store", "_expert_up_tuned", "_expert_down_tuned")
+
+
+def _candidates(tuner, key) -> list:
+    """The tiles the tuner may take for this key (its pruning applied, as for the autotuner)."""
+    configs = list(tuner.configs)
+    prune = getattr(tuner, "early_config_prune", None)
+    if prune is not None and len(key) >= 2:  # the decode kernels are keyed by their two widths
+        configs = prune(configs, {"K": key[0], "N": key[1]})
+    return configs
+
+
+def tune_in_graph(step_ms: Callable[[], float], min_gain: float = 0.002,
+                  log: Callable[[str], None] = print) -> dict:
+    """step_ms(): capture the decode graph again with the tuners' caches as they are and return
+    the milliseconds of one replay (a real row staged). Returns {kernel: {key: (tile, ms before,
+    ms after)}}; the tuners' caches keep the chosen tiles. A tile replaces the current one only
+    when the step is faster by more than min_gain (a fraction), which keeps timing noise from
+    moving the choice."""
+    best_ms = step_ms()
+    log(f"graph tuning: step {best_ms:.4f} ms with the autotuner's tiles")
+    out = {}
+    for name in TUNERS:
+        tuner = getattr(fd, name)
+        for key, current in list(tuner.cache.items()):
+            before, best = best_ms, current
+            for cfg in _candidates(tuner, key):
+                if str(cfg) == str(current):
+                    continue
+                tuner.cache[key] = cfg
+                try:
+                    ms = step_ms()
+                except Exception as e:  # a tile this kernel cannot take here (resources): skip it
+                    log(f"  {name}: {cfg} failed: {type(e).__name__}")
+                    continue
+                if ms < best_ms * (1 - min_gain):
+                    best_ms, best = ms, cfg
+            tuner.cache[key] = best
+            out[name] = {**out.get(name, {}), str(key[:2]): (str(best), before, best_ms)}
+            log(f"  {name}{tuple(key[:2])}: {best} ({before:.4f} -> {best_ms:.4f} ms)")
+    return out

@@ -1,0 +1,60 @@
+"""moekit.infer.graph_tune: the tile kept for each tuned kernel is the one of the fastest step, a
+tile is kept only when it beats the current one by more than the margin, and a tile that fails
+is skipped. The step's time is a function of the tuners' caches (no GPU here)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from moekit.infer import fused_decode, graph_tune
+
+
+class _Tuner(SimpleNamespace):
+    pass
+
+
+@pytest.fixture
+def tuners(monkeypatch):
+    a = _Tuner(configs=["a1", "a2", "a3"], cache={(64, 32, "bf16"): "a1"})
+    b = _Tuner(configs=["b1", "b2", "b3", "b4"], cache={(16, 8): "b1", (32, 8): "b2"},
+               early_config_prune=lambda configs, named: [c for c in configs if c != "b4" or named["K"] == 32])
+    monkeypatch.setattr(graph_tune, "TUNERS", ("_ta", "_tb"))
+    monkeypatch.setattr(fused_decode, "_ta", a, raising=False)
+    monkeypatch.setattr(fused_decode, "_tb", b, raising=False)
+    return a, b
+
+
+def test_each_kernel_keeps_the_tile_of_the_fastest_step(tuners):
+    a, b = tuners
+    cost = {"a1": 5.0, "a2": 3.0, "a3": 4.0, "b1": 2.0, "b2": 2.0, "b3": 1.0, "b4": 0.5}
+    tried = []
+
+    def step_ms():
+        tried.append((a.cache[(64, 32, "bf16")], b.cache[(16, 8)], b.cache[(32, 8)]))
+        if b.cache[(16, 8)] == "b4":
+            raise AssertionError("b4 is pruned for K = 16")
+        if b.cache[(32, 8)] == "b1":
+            raise RuntimeError("out of resources")  # skipped, not kept
+        return 100.0 + sum(cost[c] for c in tried[-1])
+
+    out = graph_tune.tune_in_graph(step_ms, min_gain=0.0, log=lambda s: None)
+    assert a.cache == {(64, 32, "bf16"): "a2"}
+    assert b.cache == {(16, 8): "b3", (32, 8): "b4"}
+    assert out["_ta"]["(64, 32)"] == ("a2", 109.0, 107.0)
+    assert out["_tb"]["(32, 8)"][0] == "b4" and out["_tb"]["(32, 8)"][2] == 100.0 + 3.0 + 1.0 + 0.5
+    assert len(tried) == 1 + 2 + 2 + 3  # the start, then every other tile (pruning applied) once per key
+
+
+def test_a_tile_within_the_margin_does_not_replace_the_current_one(tuners):
+    a, b = tuners
+    cost = {"a1": 1.0, "a2": 0.9, "a3": 1.2, "b1": 0.0, "b2": 0.0, "b3": 0.0, "b4": 0.0}
+
+    def step_ms():
+        return 1000.0 + cost[a.cache[(64, 32, "bf16")]]
+
+    graph_tune.tune_in_graph(step_ms, min_gain=0.001, log=lambda s: None)  # 0.1 ms of 1001 is < 0.1 %
+    assert a.cache[(64, 32, "bf16")] == "a1"
+    graph_tune.tune_in_graph(step_ms, min_gain=0.00005, log=lambda s: None)
+    assert a.cache[(64, 32, "bf16")] == "a2"
