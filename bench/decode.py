@@ -202,6 +202,7 @@ def tune_graph(runner) -> dict:
 
     real = next(buf["stage"][0].clone() for _, buf in runner.graphs.values() if int(buf["stage"][0, 2]) != 0)
 
+    @torch.inference_mode()
     def step_ms() -> float:
         runner.capture_graph(1)
         graph, buf = runner.graphs[1]

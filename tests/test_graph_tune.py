@@ -42,9 +42,11 @@ def test_each_kernel_keeps_the_tile_of_the_fastest_step(tuners):
     out = graph_tune.tune_in_graph(step_ms, min_gain=0.0, log=lambda s: None)
     assert a.cache == {(64, 32, "bf16"): "a2"}
     assert b.cache == {(16, 8): "b3", (32, 8): "b4"}
-    assert out["_ta"]["(64, 32)"] == ("a2", 109.0, 107.0)
+    assert out["_ta"]["(64, 32)"] == ("a2", 109.0, 107.0)  # (tile, step before, step after)
     assert out["_tb"]["(32, 8)"][0] == "b4" and out["_tb"]["(32, 8)"][2] == 100.0 + 3.0 + 1.0 + 0.5
-    assert len(tried) == 1 + 2 + 2 + 3  # the start, then every other tile (pruning applied) once per key
+    # the start, every other tile (pruning applied) once per key, and the chosen tiles captured last
+    assert len(tried) == 1 + 2 + 2 + 3 + 1 and tried[-1] == ("a2", "b3", "b4")
+    assert out["start_ms"] == 109.0 and out["final_ms"] == 100.0 + 3.0 + 1.0 + 0.5
 
 
 def test_a_tile_within_the_margin_does_not_replace_the_current_one(tuners):
