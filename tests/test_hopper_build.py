@@ -44,16 +44,16 @@ PROJ = dict(BM=16, BN=64, BK=128, USE_DOT=True, IEEE=False, PDL=True)
 
 # name -> (kernel, argument types, constants, num_warps, num_stages)
 BUILDS = {
-    "down_next": ("_expert_down", DOWN, dict(EXPERT, SPLIT_K=4, EVICT="evict_first", NEXT=True, LINE=64), 4, 3),
-    "down_plain": ("_expert_down", DOWN, dict(EXPERT, SPLIT_K=4, EVICT="", NEXT=False, LINE=64), 4, 3),
-    "up_evict_first": ("_expert_up", UP, dict(EXPERT, SPLIT_K=2, EVICT="evict_first"), 4, 3),
+    "down_next": ("triton_experts._expert_down", DOWN, dict(EXPERT, SPLIT_K=4, EVICT="evict_first", NEXT=True, LINE=64), 4, 3),
+    "down_plain": ("triton_experts._expert_down", DOWN, dict(EXPERT, SPLIT_K=4, EVICT="", NEXT=False, LINE=64), 4, 3),
+    "up_evict_first": ("triton_experts._expert_up", UP, dict(EXPERT, SPLIT_K=2, EVICT="evict_first"), 4, 3),
     "qkv_rope": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=8, ROPE=True, H=16, HKV=4, HALF=64), 4, 4),
     "qkv": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=8, ROPE=False), 4, 4),
     "qkv_plain": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=8, ROPE=False, PRELOAD=False), 4, 4),
     **{f"wo_route_split{sk}": ("_norm_linear", {**LINEAR, "x_ptr": "*bf16", "out_ptr": "*fp32"},
                                dict(PROJ, NORM=False, ACCUM=True, SPLIT_K=sk, ROUTE=True, EP=8, RBK=2048, TOPK=2,
                                     RENORM=True), 4, 4) for sk in (1, 4)},
-    "down_self_prefetch": ("_expert_down", DOWN, dict(EXPERT, SPLIT_K=4, EVICT="", NEXT=False, LINE=64, PRE=256), 4, 3),
+    "down_self_prefetch": ("triton_experts._expert_down", DOWN, dict(EXPERT, SPLIT_K=4, EVICT="", NEXT=False, LINE=64, PRE=256), 4, 3),
     "wo_preload": ("_norm_linear", {**LINEAR, "x_ptr": "*bf16", "out_ptr": "*fp32"},
                    dict(PROJ, NORM=False, ACCUM=True, SPLIT_K=4, PRELOAD=True), 4, 4),
     "qkv_rope_self_prefetch": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=4, ROPE=True, H=16,

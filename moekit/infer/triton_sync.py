@@ -1,5 +1,6 @@
 """How the decode kernels order their work: with the kernel before them (programmatic dependent
-launch) and among their own programs (the last program of a tile reduces the others' partials).
+launch) and among their own programs (the last program of a tile reduces the others' partials);
+and what they share besides: L2 prefetch hints, the autotuner's keywords.
 
 Programmatic dependent launch (Hopper and later).
 
@@ -25,6 +26,7 @@ mix their counts.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import torch
@@ -47,6 +49,36 @@ def prefetch_l2(ptrs):
     """Ask L2 for the 128-byte lines at ptrs (a hint: no value is read, no address faults)."""
     tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs],
                               dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_tile(ptr, rows, cols, stride, n_rows, n_cols, LINE: tl.constexpr, NL: tl.constexpr):
+    """Ask L2 for rows x (NL lines of LINE elements from each of cols) of a row-major matrix,
+    addresses clamped inside it."""
+    c = tl.minimum(cols + tl.arange(0, NL) * LINE, n_cols - 1)
+    prefetch_l2(ptr + tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None] * stride + c[None, :])
+
+
+@triton.jit
+def prefetch_range(ptr, n, part, parts, LINE: tl.constexpr, CHUNK: tl.constexpr):
+    """Ask L2 for this program's share (part of parts) of elements 0 ... n - 1 of ptr: one request
+    per line of LINE elements, CHUNK requests at a time."""
+    lines = tl.cdiv(n, LINE)
+    per = tl.cdiv(lines, parts)
+    lo = part * per
+    hi = tl.minimum(lo + per, lines)
+    for l0 in range(lo, hi, CHUNK):
+        ll = tl.minimum(l0 + tl.arange(0, CHUNK), hi - 1)
+        prefetch_l2(ptr + ll.to(tl.int64) * LINE)
+
+
+# autotuning results are kept on disk (Triton's cache) where this Triton can
+TUNE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def restore(*names):
+    # autotuning runs a kernel many times: accumulating kernels get their output restored between runs
+    return {"restore_value": list(names)}
 
 
 @functools.cache
