@@ -58,7 +58,9 @@ def tune_in_graph(step_ms: Callable[[], float], min_gain: float = 0.002,
                 if ms < best_ms * (1 - min_gain):
                     best_ms, best = ms, cfg
             tuner.cache[key] = best
-            out[name] = {**out.get(name, {}), str(key[:2]): (str(best), before, best_ms)}
+            mine = out.setdefault(name, {})
+            label = str(key[:2])  # the widths; keys that differ only in dtypes are numbered
+            mine[label if label not in mine else f"{label} #{len(mine)}"] = (str(best), before, best_ms)
             log(f"  {name}{tuple(key[:2])}: {best} ({before:.4f} -> {best_ms:.4f} ms)")
     out["final_ms"] = step_ms()  # the graph captured again with every chosen tile
     log(f"graph tuning: step {out['final_ms']:.4f} ms with the chosen tiles")
