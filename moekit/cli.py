@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-samples", type=int, default=1)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--kv-budget", default="64MiB", help="KV cache size: bytes (e.g. 2GiB) or a fraction of free GPU memory")
+    gen.add_argument("--tune-decode", action="store_true",
+                     help="first refine the fused decode kernels' tiles inside the decode graph (GPU; a minute or so)")
     gen.add_argument("--speculative-model", default=None, metavar="RUN", help="a smaller model with the same tokenizer")
     gen.add_argument("--num-speculative-tokens", type=int, default=4, help="proposals per step (default 4; with prompt lookup "
                      "alone on a GPU MoE target longer runs pay: 12 measured best, bench/results)")
@@ -304,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     srv.add_argument("--device", default="auto")
     srv.add_argument("--kv-budget", default="256MiB", help="KV cache: bytes (e.g. 8GiB) or a fraction of free GPU memory")
+    srv.add_argument("--tune-decode", action="store_true",
+                     help="before serving, refine the fused decode kernels' tiles inside the decode graph (GPU; a minute or so)")
     srv.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
     srv.add_argument("--max-batched-tokens", type=int, default=1024, help="tokens per engine step")
     srv.add_argument("--max-pending", type=int, default=512, help="requests in flight before answering 429")

@@ -232,6 +232,21 @@ def test_norm_linear_tuned_splits_are_deterministic_and_batch_invariant(K, N):
     assert torch.equal(one, acc[:1])
 
 
+def test_tuning_the_decode_graph_keeps_greedy_output(capsys):
+    """Engine.tune_decode on the GPU: it times the batch-1 graph with the autotuner's tiles and with
+    the chosen ones, drops the graphs captured before, and greedy decoding afterwards (graphs
+    captured again with the chosen tiles) equals the packed path in float32."""
+    model = _model()
+    prompts, params = _prompts(4), SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    ref = _run(model, prompts, params, cuda_graphs=False)
+    eng = Engine(model, None, EngineConfig(kv_budget="64MiB", block_size=16, max_num_seqs=4))
+    eng.warmup()
+    out = eng.tune_decode(prompt_len=40)
+    assert out is not None and out["final_ms"] > 0 and out["start_ms"] > 0
+    assert not eng.runner.graphs and not eng.has_unfinished()
+    assert [o.output_token_ids for o in eng.generate(prompts, params)] == ref
+
+
 def test_on_policy_distillation_with_a_pool_on_the_gpu(tmp_path):
     """Distillation on the GPU with bf16 autocast: the teacher (a bf16 copy, as served) writes two
     on-policy micro-batches per decode batch, and each evaluation measures the draft's greedy

@@ -60,3 +60,36 @@ def test_a_tile_within_the_margin_does_not_replace_the_current_one(tuners):
     assert a.cache[(64, 32, "bf16")] == "a1"
     graph_tune.tune_in_graph(step_ms, min_gain=0.00005, log=lambda s: None)
     assert a.cache[(64, 32, "bf16")] == "a2"
+
+
+def test_only_the_keys_asked_for_are_tuned(tuners):
+    a, b = tuners
+    seen = []
+
+    def step_ms():
+        seen.append((a.cache[(64, 32, "bf16")], b.cache[(16, 8)], b.cache[(32, 8)]))
+        return 1.0
+
+    graph_tune.tune_in_graph(step_ms, log=lambda s: None, only=lambda name, key: key[:2] == (32, 8))
+    assert {row[0] for row in seen} == {"a1"} and {row[1] for row in seen} == {"b1"}
+    assert {row[2] for row in seen} == {"b1", "b2", "b3", "b4"}
+
+
+def test_an_engine_without_the_fused_step_on_graphs_has_nothing_to_tune():
+    """On the CPU there is no decode graph: tune_decode says so (None), and warmup with
+    tune_decode on does what it did without."""
+    import torch
+
+    from moekit.config import ModelConfig
+    from moekit.infer.engine import Engine, EngineConfig
+    from moekit.infer.sampling import SamplingParams
+    from moekit.model.transformer import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=48,
+                                    n_experts=2, top_k=1, max_seq_len=64))
+    eng = Engine(model, None, EngineConfig(kv_budget="1MiB", tune_decode=True))
+    assert eng.tune_decode() is None
+    eng.warmup()
+    out = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(out[0].output_token_ids) == 3 and not eng.has_unfinished()

@@ -92,6 +92,8 @@ class EngineConfig:
     compile: bool = False  # torch.compile the decode step in the CUDA graphs (GPU; measured slower on H100 so far)
     lookahead: bool = True  # greedy graph decoding launches each step before reading the last one's tokens
     prefix_caching: bool = False  # keep full blocks' K/V for later requests with the same prefix (kv_cache)
+    tune_decode: bool = False  # warmup() first refines the fused decode kernels' tiles inside the batch-1
+    # decode graph (Engine.tune_decode: GPU, a minute or so; process-wide, as the autotuner's choice)
     seed: int = 0
 
     def validate(self) -> "EngineConfig":
@@ -212,12 +214,55 @@ class Engine:
 
     def warmup(self) -> None:
         """Capture the decode graphs of every batch size (the target's, the draft's and the
-        speculative steps') up front."""
+        speculative steps') up front; with config.tune_decode, tune the decode kernels first."""
+        if self.config.tune_decode:
+            self.tune_decode()
         self.runner.capture_all()
         if self.spec is not None:
             if self.spec.runner is not None:
                 self.spec.runner.capture_all()
             self.spec.warmup(self.runner, min(self.config.max_num_seqs, self.spec_max_batch))
+
+    def tune_decode(self, prompt_len: int = 128, log=print) -> dict | None:
+        """Refine the tiles of the fused decode kernels inside the batch-1 decode graph
+        (moekit.infer.graph_tune): a throwaway greedy request of prompt_len random tokens decodes a
+        few steps, then its last step is replayed with each tile each kernel of this model's widths
+        may take, and the fastest stay. The tiles are the tuners' (process-wide); the graphs
+        captured before are dropped and captured again with them. None where decoding does not
+        run the fused step on CUDA graphs (CPU, no Triton, large batches only)."""
+        r = self.runner
+        if r.fused is None or not r.graph_sizes or r.graph_sizes[0] != 1:
+            return None
+        if self.has_unfinished():
+            raise RuntimeError("tune_decode needs an idle engine: requests are running")
+        from moekit.infer.graph_tune import replay_ms, tune_in_graph
+
+        c, ffn = self.model.cfg, self.model.blocks[0].ffn.experts.w1.shape[-1]
+        g = torch.Generator().manual_seed(self.config.seed)
+        n = max(1, min(prompt_len, self.max_model_len - 8))
+        self.generate([torch.randint(0, c.vocab_size, (n,), generator=g).tolist()],
+                      SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        # the request's last decode row (its blocks are free now, and nothing else runs)
+        real = next((buf["stage"][0].clone() for _, buf in r.graphs.values() if int(buf["stage"][0, 2]) != 0), None)
+        if real is None:  # its steps ran elsewhere (speculative step graphs)
+            log("tune_decode: no decode graph ran the throwaway request; tiles left as tuned")
+            return None
+
+        @torch.inference_mode()
+        def step_ms() -> float:
+            r.capture_graph(1)
+            graph, buf = r.graphs[1]
+            buf["stage"][0] = real
+            return replay_ms(graph.replay)
+
+        widths = {(c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.hd), (c.n_heads * c.hd, c.d_model),
+                  (c.d_model, c.vocab_size), (c.d_model, ffn), (ffn, c.d_model)}
+        out = tune_in_graph(step_ms, log=log, only=lambda name, key: tuple(key[:2]) in widths)
+        r.graphs.clear()
+        r.verify_graphs.clear()
+        if self.spec is not None:
+            self.spec.step_graphs.clear()
+        return out
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

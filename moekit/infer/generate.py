@@ -93,6 +93,8 @@ def generate_main(args) -> int:
                                              prompt_lookup_min=getattr(args, "prompt_lookup_min", 0),
                                              prompt_lookup_tokens=getattr(args, "prompt_lookup_tokens", 0)),
                     draft=draft)
+    if getattr(args, "tune_decode", False):
+        engine.tune_decode(log=lambda line: print(line, file=sys.stderr))
     for i, out in enumerate(engine.generate([args.prompt] * args.num_samples, params)):
         text = args.prompt + out.text
         sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))

@@ -31,20 +31,42 @@ def _candidates(tuner, key) -> list:
     return configs
 
 
+def replay_ms(replay: Callable[[], None], warmup: int = 3, iters: int = 30) -> float:
+    """Median milliseconds of replay() (a CUDA graph's), timed with CUDA events after warm-up."""
+    import statistics
+
+    import torch
+
+    for _ in range(warmup):
+        replay()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def tune_in_graph(step_ms: Callable[[], float], min_gain: float = 0.002,
-                  log: Callable[[str], None] = print) -> dict:
+                  log: Callable[[str], None] = print, only: Callable[[str, tuple], bool] | None = None) -> dict:
     """step_ms(): capture the decode graph again with the tuners' caches as they are and return
     the milliseconds of one replay (a real row staged). Returns {kernel: {key: (tile, ms before,
     ms after)}, "start_ms": ..., "final_ms": ...}; the tuners' caches keep the chosen tiles, and
     the last step_ms() call captures the graph with them (final_ms). A tile replaces the current
     one only when the step is faster by more than min_gain (a fraction), which keeps timing
-    noise from moving the choice."""
+    noise from moving the choice. only(kernel, key): which keys to tune (default: all; a key
+    whose kernel the timed step does not run would only cost time)."""
     best_ms = start = step_ms()
     log(f"graph tuning: step {best_ms:.4f} ms with the autotuner's tiles")
     out: dict = {"start_ms": start}
     for name in TUNERS:
         tuner = getattr(fd, name)
         for key, current in list(tuner.cache.items()):
+            if only is not None and not only(name, key):
+                continue
             before, best = best_ms, current
             for cfg in _candidates(tuner, key):
                 if str(cfg) == str(current):
