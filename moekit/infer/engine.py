@@ -238,13 +238,14 @@ class Engine:
         from moekit.infer.graph_tune import replay_ms, tune_in_graph
 
         c, ffn = self.model.cfg, self.model.blocks[0].ffn.experts.w1.shape[-1]
+        r.graphs.clear()  # so that the only real row a graph holds is the throwaway request's
         g = torch.Generator().manual_seed(self.config.seed)
         n = max(1, min(prompt_len, self.max_model_len - 8))
         self.generate([torch.randint(0, c.vocab_size, (n,), generator=g).tolist()],
                       SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
         # the request's last decode row (its blocks are free now, and nothing else runs)
-        real = next((buf["stage"][0].clone() for _, buf in r.graphs.values() if int(buf["stage"][0, 2]) != 0), None)
-        if real is None:  # its steps ran elsewhere (speculative step graphs)
+        real = r.graphs[1][1]["stage"][0].clone() if 1 in r.graphs else None
+        if real is None or int(real[2]) == 0:  # its steps ran elsewhere (speculative step graphs)
             log("tune_decode: no decode graph ran the throwaway request; tiles left as tuned")
             return None
 

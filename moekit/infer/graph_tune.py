@@ -50,6 +50,13 @@ def replay_ms(replay: Callable[[], None], warmup: int = 3, iters: int = 30) -> f
     return statistics.median(times)
 
 
+def _drain() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def tune_in_graph(step_ms: Callable[[], float], min_gain: float = 0.002,
                   log: Callable[[str], None] = print, only: Callable[[str, tuple], bool] | None = None) -> dict:
     """step_ms(): capture the decode graph again with the tuners' caches as they are and return
@@ -76,6 +83,7 @@ def tune_in_graph(step_ms: Callable[[], float], min_gain: float = 0.002,
                     ms = step_ms()
                 except Exception as e:  # a tile this kernel cannot take here (resources): skip it
                     log(f"  {name}: {cfg} failed: {type(e).__name__}")
+                    _drain()  # what the failed step launched ends before the next one starts
                     continue
                 if ms < best_ms * (1 - min_gain):
                     best_ms, best = ms, cfg

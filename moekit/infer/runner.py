@@ -163,10 +163,12 @@ class ModelRunner:
             return _EagerGraph(fn)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn()
+        finally:  # a launch that fails part-way (a tile out of resources) leaves nothing running beside
+            torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool):
             fn()
