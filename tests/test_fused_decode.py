@@ -253,6 +253,47 @@ def test_routing_in_the_output_projection_matches_its_own_kernel(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_attention_in_the_output_projection_matches_the_two_kernels(monkeypatch):
+    """A decode step of 3 rows with attention computed inside the output projection
+    (MOEKIT_ATTN_IN_WO) and with the paged attention kernel followed by the projection: the same
+    logits (float32) and cache."""
+    from moekit.infer import triton_attn_wo
+
+    model = _model(n_kv_heads=2)
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(triton_attn_wo, "ATTN_IN_WO", on)
+        results.append(_step_on_a_random_cache(model, 4, [6, 11, 2], [3, 9, 1], [2 * BS + 2, 6 * BS + 3, 7 * BS + 2]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("Hkv,tokens,block_n", [(1, 16, 32), (2, 32, 16), (4, 16, 64)])
+def test_attention_times_the_output_projection_against_float64(Hkv, tokens, block_n):
+    """triton_attn_wo.attn_wo: residual + attention(q over each row's pages) @ wo.T against a float64
+    gather-and-attend reference, contexts from none (a padding row adds nothing) to the whole table
+    over chunks of 16 or 32 tokens, output columns over several blocks (the last one partial)."""
+    from moekit.infer.paged_attention import paged_decode_reference
+    from moekit.infer.triton_attn_wo import attn_wo
+
+    g = torch.Generator().manual_seed(Hkv)
+    B, H, hd, page, max_pages, N = 5, 4, 16, 4, 9, 72
+    kc = torch.randn(B * max_pages + 1, page, Hkv, hd, generator=g)
+    vc = torch.randn(B * max_pages + 1, page, Hkv, hd, generator=g)
+    tables = (torch.randperm(B * max_pages, generator=g) + 1).view(B, max_pages).int()
+    lens = torch.tensor([0, 4, 5, 17, page * max_pages], dtype=torch.int32)
+    q = torch.randn(B, H, hd, generator=g)
+    wo = torch.randn(N, H * hd, generator=g) / 8
+    x0 = torch.randn(B, N, generator=g)
+    y = paged_decode_reference(q.double(), kc.double(), vc.double(), tables.long(), lens)
+    y[0] = 0  # no context: the reference's softmax over nothing is not a number
+    ref = x0.double() + y.reshape(B, H * hd) @ wo.double().T
+    x = x0.clone()
+    attn_wo(q, kc, vc, tables, lens, wo, x, block_n=block_n, tokens_per_chunk=tokens)
+    torch.testing.assert_close(x.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x[0], x0[0])
+
+
 def _route_ref(x: torch.Tensor, gamma: torch.Tensor, wr: torch.Tensor, topk: int):
     xd = x.double()
     xn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()

@@ -203,6 +203,17 @@ def test_routing_in_the_output_projection_on_the_gpu(monkeypatch, rows):
     assert ((on - off).norm() / off.norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_attention_in_the_output_projection_on_the_gpu(monkeypatch, rows):
+    """Attention inside the output projection (MOEKIT_ATTN_IN_WO), bf16: logits as with the paged
+    attention kernel and the projection apart (the same sums up to the order of the softmax's
+    chunks and the projection's split)."""
+    from moekit.infer import triton_attn_wo
+
+    off, on = _fused_step_both_ways(monkeypatch, triton_attn_wo, "ATTN_IN_WO", rows)
+    assert ((on - off).norm() / off.norm()).item() < 2e-2
+
+
 @pytest.mark.parametrize("K,N", [(2048, 3072), (2048, 2048), (1024, 1536), (2048, 32000)])
 def test_norm_linear_tuned_splits_are_deterministic_and_batch_invariant(K, N):
     """The tuned projection (splits of K reduced by their last program, in a fixed order): against

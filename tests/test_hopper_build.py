@@ -37,6 +37,10 @@ PAGED = {**_ptr("q_ptr k_ptr v_ptr", "*bf16"), **_ptr("bt_ptr lens_ptr", "*i32")
          "out_ptr": "*bf16", "sem_ptr": "*i32",
          **_ptr("stride_qb stride_qh stride_kb stride_kt stride_kh stride_btb", "i32"), "sm_scale": "fp32",
          "n_splits": "i32"}
+ATTN_WO = {**_ptr("q_ptr k_ptr v_ptr", "*bf16"), **_ptr("bt_ptr lens_ptr", "*i32"), "w_ptr": "*bf16",
+           **_ptr("out_ptr part_ptr", "*fp32"), "sem_ptr": "*i32", **_ptr("B N", "i32"),
+           **_ptr("stride_qb stride_qh stride_kb stride_kt stride_kh stride_btb stride_wn stride_ob", "i32"),
+           "sm_scale": "fp32"}
 ROUTE = {"x_ptr": "*fp32", **_ptr("g_ptr wr_ptr xn_ptr", "*bf16"), "ids_ptr": "*i32", "gates_ptr": "*fp32",
          "slots_ptr": "*i32", **_ptr("K E", "i32"), "eps": "fp32", "stride_xb": "i32"}
 EXPERT = dict(TOPK=2, RP=16, EP=8, IEEE=False, BM=16, BN=128, BK=64, PDL=True)
@@ -60,6 +64,8 @@ BUILDS = {
                                                             HKV=4, HALF=64, PRE=1024), 4, 4),
     "paged_self_prefetch": ("triton_paged._paged_decode_split", PAGED,
                             dict(G=4, GP=16, HD=128, PAGE=16, TOK=64, IEEE=False, PDL=True, PRE=True), 4, 3),
+    "attn_wo": ("triton_attn_wo._attn_wo", ATTN_WO,
+                dict(G=4, GP=16, HD=128, PAGE=16, TOK=64, BN=64, IEEE=False, PDL=True), 8, 3),
     "route": ("triton_route._route", ROUTE, dict(EP=8, BK=2048, TOPK=2, RENORM=True, PDL=True), 8, 3),
     "paged": ("triton_paged._paged_decode_split", PAGED, dict(G=4, GP=16, HD=128, PAGE=16, TOK=64, IEEE=False, PDL=True), 4, 3),
 }
@@ -145,6 +151,11 @@ def test_inputs_no_kernel_writes_are_loaded_before_the_wait(built, name):
     the kernel before."""
     m = _marks(built, name)
     assert m["griddepcontrol.wait"] and m["load_before_wait"]
+
+
+def test_attention_in_the_output_projection_builds(built):
+    m = _marks(built, "attn_wo")
+    assert m["griddepcontrol.wait"] and m["atom"]  # PDL; the count of finished KV-head shares
 
 
 def test_a_projection_without_rotary_or_preload_loads_nothing_before_the_wait(built):

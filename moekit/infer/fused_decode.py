@@ -6,7 +6,8 @@ Per layer, with the residual stream kept in float32 [B, d]:
      store of k, v into their slots                       (_norm_linear with ROPE; triton_rope;
      MOEKIT_FUSED_ROPE=0: a second kernel, _rope_store)
   3. paged attention                                     (triton_paged: split + merge)
-  4. output projection added into the residual           (_norm_linear)
+  4. output projection added into the residual           (_norm_linear; MOEKIT_ATTN_IN_WO=1: 3 and
+                                                          4 in one kernel, triton_attn_wo)
   5. RMSNorm + router + softmax + top-k (+ renormalise)  (triton_route; MOEKIT_ROUTE_IN_WO=1: at
      the end of kernel 4)
   6. the chosen experts' gate and up projections, SiLU   (triton_experts._expert_up)
@@ -39,7 +40,7 @@ from moekit.infer.triton_experts import (_expert_down, _expert_down_tuned, _expe
                                          expert_down, expert_up)
 from moekit.infer.triton_paged import paged_decode_triton
 from moekit.infer.triton_rope import _rope_finish, _rope_row, _rope_store, _rope_trig
-from moekit.infer import triton_route
+from moekit.infer import triton_attn_wo, triton_route
 from moekit.infer.triton_route import _route_block
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -380,14 +381,18 @@ class FusedDecoder:
                 qkv = norm_linear(x, self.wqkv[i], blk.attn_norm.weight, blk.attn_norm.eps)  # [B, (H + 2 Hkv) hd]
                 _rope_store[(B, H + 2 * Hkv)](qkv, pos, cos, sin, slots, q, kc, vc, qkv.stride(0),
                                               H=H, HKV=Hkv, HALF=hd // 2, **pdl_kw(x))
-            y = paged_decode_triton(q, kc, vc, tables, lens)  # [B, H, hd]
             moe = blk.ffn
             routing = (x, blk.ffn_norm.weight, moe.router.weight, xn, ids32, gates, slots, blk.ffn_norm.eps,
                        c.renorm_gates)
-            if triton_route.ROUTE_IN_WO:  # routed by the last program of the projection to finish its rows
+            if triton_attn_wo.ATTN_IN_WO:  # attention inside the output projection, then the router
+                triton_attn_wo.attn_wo(q, kc, vc, tables, lens, blk.attn.wo.weight, x)
+                triton_route.route(*routing)
+            elif triton_route.ROUTE_IN_WO:  # routed by the last program of the projection to finish its rows
+                y = paged_decode_triton(q, kc, vc, tables, lens)  # [B, H, hd]
                 norm_linear(y.view(B, H * hd), blk.attn.wo.weight, out=x, accumulate=True,
                             route=triton_route.route_args(*routing))
             else:
+                y = paged_decode_triton(q, kc, vc, tables, lens)
                 norm_linear(y.view(B, H * hd), blk.attn.wo.weight, out=x, accumulate=True)
                 triton_route.route(*routing)
             h = expert_up(xn, ids32, moe.experts.w1, moe.experts.w3, evict_first=PREFETCH_NEXT)  # [B * k, f]
