@@ -1,12 +1,19 @@
 """Shared test setup.
 
+MOEKIT_TUNE=quick (unless set otherwise): the fused decode kernels tune among a few tiles.
+
 The tensors in these tests are tiny, so one intra-op thread is as fast as two on an idle machine
 and avoids OpenMP oversubscription slowing the suite down many-fold when other work (a training
 run, a parallel test runner) shares the two cores.
 """
 
+import os
 import shutil
 from pathlib import Path
+
+# the GPU tests build many model shapes: each tuned decode kernel chooses among a few tiles
+# (with and without splits) instead of compiling and timing every one (moekit.infer.triton_sync)
+os.environ.setdefault("MOEKIT_TUNE", "quick")
 
 import pytest
 import torch

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from moekit.infer.triton_sync import (MAX_TILES, TUNE_KW as _TUNE, gdc, last_to_arrive, pdl_kw, prefetch_tile as _prefetch_tile,
-                                     restore as _restore, tile_counters)
+                                     quick, restore as _restore, tile_counters)
 from moekit.infer.triton_experts import (_expert_down, _expert_down_tuned, _expert_up, _expert_up_tuned,  # noqa: F401
                                          expert_down, expert_up)
 from moekit.infer.triton_paged import paged_decode_triton
@@ -192,9 +192,12 @@ def _linear_configs():  # BM = 16 throughout: norm_linear pads the partial sums'
     its tile, so one tuned tile per weight shape serves every batch size with the same numbers.
     Splits of K give a narrow weight (attention projections) enough programs to fill the GPU;
     the largest tiles also run with 8 warps (more loads in flight per program)."""
-    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "USE_DOT": True, "SPLIT_K": sk}, num_warps=w, num_stages=4)
-            for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for sk in (1, 2, 4, 8)
-            for w in ((4, 8) if bn * bk == 16384 else (4,)) if bn * bk <= 16384]
+    configs = [triton.Config({"BM": 16, "BN": bn, "BK": bk, "USE_DOT": True, "SPLIT_K": sk}, num_warps=w, num_stages=4)
+               for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for sk in (1, 2, 4, 8)
+               for w in ((4, 8) if bn * bk == 16384 else (4,)) if bn * bk <= 16384]
+    # MOEKIT_TUNE=quick: one tile without a split of K and one with
+    return quick(configs, lambda c: (c.kwargs["BN"], c.kwargs["BK"], c.kwargs["SPLIT_K"], c.num_warps) in
+                 ((32, 128, 1, 4), (64, 128, 4, 4)))
 
 
 def _prune_splits(configs, named_args, **kwargs):

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from moekit.infer.triton_sync import (TUNE_KW as _TUNE, gdc, last_to_arrive, pdl_kw, prefetch_range as _prefetch_range,
-                                     prefetch_tile as _prefetch_tile, restore as _restore, tile_counters)
+                                     prefetch_tile as _prefetch_tile, quick, restore as _restore, tile_counters)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -183,14 +183,19 @@ _EXPERT_TILES = ((64, 64), (128, 64), (64, 128), (256, 64), (128, 128))  # (BN, 
 _EXPERT_LAUNCH = ((4, 3), (4, 4), (8, 4))  # (num_warps, num_stages)
 
 
+def _quick(c) -> bool:  # MOEKIT_TUNE=quick: 64 x 64 tiles, 4 warps, 3 stages, the two smallest splits
+    return (c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages) == (64, 64, 4, 3) and c.kwargs["SPLIT_K"] <= 4
+
+
 def _up_configs():
-    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
-            for bn, bk in _EXPERT_TILES for sk in (1, 2, 4) for w, st in _EXPERT_LAUNCH]
+    return quick([triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+                  for bn, bk in _EXPERT_TILES for sk in (1, 2, 4) for w, st in _EXPERT_LAUNCH],
+                 lambda c: _quick(c) and c.kwargs["SPLIT_K"] <= 2)
 
 
 def _down_configs():
-    return [triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
-            for bn, bk in _EXPERT_TILES for sk in (2, 4, 8, 16) for w, st in _EXPERT_LAUNCH]
+    return quick([triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+                  for bn, bk in _EXPERT_TILES for sk in (2, 4, 8, 16) for w, st in _EXPERT_LAUNCH], _quick)
 
 
 # tuned once per weight shape (tensor-core tiles of 16 rows): the same numbers for every batch; the

@@ -72,6 +72,16 @@ def prefetch_range(ptr, n, part, parts, LINE: tl.constexpr, CHUNK: tl.constexpr)
         prefetch_l2(ptr + ll.to(tl.int64) * LINE)
 
 
+# MOEKIT_TUNE=quick: each tuned decode kernel chooses among a few tiles (still with and without
+# splits), for test suites that build many shapes; the tuned results are otherwise the same kind
+QUICK_TUNE = os.environ.get("MOEKIT_TUNE", "") == "quick"
+
+
+def quick(configs: list, keep) -> list:
+    """configs, or with QUICK_TUNE only those keep(config) accepts."""
+    return [c for c in configs if keep(c)] if QUICK_TUNE else configs
+
+
 # autotuning results are kept on disk (Triton's cache) where this Triton can
 TUNE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
