@@ -225,6 +225,24 @@ def _step_on_a_random_cache(model, seed: int, lens: list[int], toks: list[int], 
     return logits, kv.k.clone(), kv.v.clone()
 
 
+def test_a_step_from_staged_rows_is_the_step_from_unpacked_ones():
+    """FusedDecoder.from_stage (the graphs' input rows, the embedding lookup and its cast in one
+    kernel) against __call__ on the same rows unpacked by hand: the same logits and cache, bit
+    for bit (float32)."""
+    model = _model(n_kv_heads=2)
+    lens, toks, slots = [6, 11, 2], [3, 9, 1], [2 * BS + 2, 6 * BS + 3, 7 * BS + 2]
+    ref = _step_on_a_random_cache(model, 5, lens, toks, slots)
+    kv = PagedKVCache(model.cfg, num_blocks=12, block_size=BS, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    kv.k.copy_(torch.randn(kv.k.shape, generator=g))
+    kv.v.copy_(torch.randn(kv.v.shape, generator=g))
+    tables = torch.arange(1, 10, dtype=torch.int32).view(3, 3)
+    stage = torch.cat([torch.tensor([toks, lens, slots, [n + 1 for n in lens]], dtype=torch.int32).T, tables], 1)
+    logits = FusedDecoder(model, kv.k, kv.v).from_stage(stage)
+    for a, b in zip(ref, (logits, kv.k, kv.v)):
+        assert torch.equal(a, b)
+
+
 def test_rope_in_the_projection_gives_the_separate_kernels_bits(monkeypatch):
     """A decode step with the rotary embedding in the QKV projection and with its own kernel:
     the same logits and cache, bit for bit (float32)."""

@@ -280,6 +280,18 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
 
 
 # -- the decode step -------------------------------------------------------------------------------
+@triton.jit
+def _embed_stage(stage_ptr, stride_s, w_ptr, x_ptr, D, BD: tl.constexpr):
+    """Program (row b, block of BD columns): x[b] = the embedding of the row's token (stage[b, 0])
+    in float32 (a lookup and a cast in one launch)."""
+    b = tl.program_id(0)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    tok = tl.load(stage_ptr + b * stride_s).to(tl.int64)
+    tl.store(x_ptr + b * D + cols, tl.load(w_ptr + tok * D + cols, mask=cols < D, other=0.0).to(tl.float32),
+             mask=cols < D)
+
+
+
 def unsupported_reason(model) -> str | None:
     """Why the fused step cannot run this model (None when it can)."""
     cfg = model.cfg
@@ -360,16 +372,30 @@ class FusedDecoder:
         n = min(head.numel(), self.wqkv[0].numel() + m.blocks[0].attn.wo.weight.numel())
         return head[:n // 2], head[n // 2:n]
 
+    def from_stage(self, stage: torch.Tensor, n_meta: int = 4) -> torch.Tensor:
+        """The step of a graph's staged rows [token, position, slot, context length, block table...]
+        (int32, one row per request): the first n_meta columns unpacked (one copy), the tokens'
+        embeddings looked up in float32 (one kernel, reading the tokens from the stage), then
+        __call__. The unpacked positions and slots are two kernels old when the first projection
+        reads them before its wait (programmatic dependent launch)."""
+        B, d = stage.shape[0], self.cfg.d_model
+        meta = stage[:, :n_meta].t().contiguous()
+        x = torch.empty(B, d, device=stage.device, dtype=torch.float32)
+        bd = min(1024, triton.next_power_of_2(d))
+        _embed_stage[(B, triton.cdiv(d, bd))](stage, stage.stride(0), self.model.embed.weight, x, d, BD=bd)
+        return self(meta[0], meta[1], meta[2], stage[:, n_meta:], meta[3], x=x)
+
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor) -> torch.Tensor:
+                 lens: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """ids, pos, slots: [B] (int32 or int64); tables: [B, max_blocks] int32; lens: [B] int32 -> logits
-        [B, vocab] float32."""
+        [B, vocab] float32. x: the rows' embeddings in float32 where they are looked up already."""
         m, c = self.model, self.cfg
         if not self._fused_current():
             self._fuse()
         B = ids.shape[0]
         H, Hkv, hd = c.n_heads, c.n_kv_heads, c.hd
-        x = m.embed.weight[ids].float()  # [B, d] residual stream
+        if x is None:
+            x = m.embed.weight[ids].float()  # [B, d] residual stream
         cos, sin = m.rope_cos, m.rope_sin  # [max_len, hd]
         q = torch.empty(B, H, hd, device=x.device, dtype=self.kv_k.dtype)
         ids32 = torch.empty(B, c.top_k, device=x.device, dtype=torch.int32)

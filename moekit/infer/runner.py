@@ -130,8 +130,7 @@ class ModelRunner:
         b = stage.shape[0]
         tables = stage[:, self._META:]  # rows strided
         if self.fused is not None and b <= fused_max:  # int32 token, position, slot, length: one copy
-            meta = stage[:, :self._META].t().contiguous()
-            return self.fused(meta[0], meta[1], meta[2], tables, meta[3])
+            return self.fused.from_stage(stage, self._META)
         ids, pos, slots = stage[:, :3].t().long().contiguous()
         lens = stage[:, 3].contiguous()
         meta = AttentionMetadata(slot_mapping=slots, num_decode=b, block_tables=tables, context_lens=lens,
