@@ -243,10 +243,12 @@ def test_norm_linear_tuned_splits_are_deterministic_and_batch_invariant(K, N):
     assert torch.equal(one, acc[:1])
 
 
-def test_tuning_the_decode_graph_keeps_greedy_output(capsys):
+def test_tuning_the_decode_graph_keeps_greedy_output(monkeypatch, tmp_path):
     """Engine.tune_decode on the GPU: it times the batch-1 graph with the autotuner's tiles and with
     the chosen ones, drops the graphs captured before, and greedy decoding afterwards (graphs
-    captured again with the chosen tiles) equals the packed path in float32."""
+    captured again with the chosen tiles) equals the packed path in float32. The tiles are kept on
+    disk: an engine built with tune_decode takes them and does not tune again."""
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
     model = _model()
     prompts, params = _prompts(4), SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     ref = _run(model, prompts, params, cuda_graphs=False)
@@ -256,6 +258,9 @@ def test_tuning_the_decode_graph_keeps_greedy_output(capsys):
     assert out is not None and out["final_ms"] > 0 and out["start_ms"] > 0
     assert not eng.runner.graphs and not eng.has_unfinished()
     assert [o.output_token_ids for o in eng.generate(prompts, params)] == ref
+    assert out["saved"] >= 5 and (tmp_path / "decode_tiles.json").exists()
+    again = Engine(model, None, EngineConfig(kv_budget="64MiB", block_size=16, max_num_seqs=4, tune_decode=True))
+    assert again.tune_decode()["cached"] >= 5
 
 
 def test_on_policy_distillation_with_a_pool_on_the_gpu(tmp_path):

@@ -138,6 +138,13 @@ class Engine:
                 raise ConfigError(f"speculative proposals per step must be below {FUSED_MAX_VERIFY} on GPU "
                                   f"(got {most_k})")
         spec_rows = min(cfg.max_num_seqs, self.spec_max_batch) * (most_k + 1) if speculating else 0
+        self._tiles_loaded = 0
+        if cfg.tune_decode and cfg.fused_decode and cfg.cuda_graphs and self.device.type == "cuda":
+            from moekit.infer import graph_tune  # tiles tuned in the graph before on this machine, if any
+
+            widths = graph_tune.model_widths(model)
+            self._tiles_loaded = graph_tune.load_tiles(graph_tune.tiles_path(), graph_tune.machine_key(),
+                                                       only=lambda name, key: tuple(key[:2]) in widths)
         self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs,
                                   cfg.compile, cfg.fused_decode, max_rows=spec_rows)
         self.sampler = Sampler(self.device, cfg.seed)
@@ -223,21 +230,32 @@ class Engine:
                 self.spec.runner.capture_all()
             self.spec.warmup(self.runner, min(self.config.max_num_seqs, self.spec_max_batch))
 
-    def tune_decode(self, prompt_len: int = 128, log=print) -> dict | None:
+    def tune_decode(self, prompt_len: int = 128, log=print, force: bool = False) -> dict | None:
         """Refine the tiles of the fused decode kernels inside the batch-1 decode graph
         (moekit.infer.graph_tune): a throwaway greedy request of prompt_len random tokens decodes a
         few steps, then its last step is replayed with each tile each kernel of this model's widths
-        may take, and the fastest stay. The tiles are the tuners' (process-wide); the graphs
-        captured before are dropped and captured again with them. None where decoding does not
-        run the fused step on CUDA graphs (CPU, no Triton, large batches only)."""
+        may take, and the fastest stay. The tiles are the tuners' (process-wide) and are kept on
+        disk for this GPU and these library versions (graph_tune.tiles_path()): an engine built
+        with config.tune_decode takes them from there, and then this does not tune again unless
+        forced. The graphs captured before are dropped and captured again with the tiles. None
+        where decoding does not run the fused step on CUDA graphs (CPU, no Triton)."""
         r = self.runner
         if r.fused is None or not r.graph_sizes or r.graph_sizes[0] != 1:
             return None
         if self.has_unfinished():
             raise RuntimeError("tune_decode needs an idle engine: requests are running")
+        from moekit.infer import graph_tune
         from moekit.infer.graph_tune import replay_ms, tune_in_graph
 
-        c, ffn = self.model.cfg, self.model.blocks[0].ffn.experts.w1.shape[-1]
+        widths = graph_tune.model_widths(self.model)
+
+        def mine(name: str, key: tuple) -> bool:  # the keys of this model's kernels
+            return tuple(key[:2]) in widths
+
+        if self._tiles_loaded >= len(graph_tune.TUNERS) and not force:
+            log(f"tune_decode: {self._tiles_loaded} tiles from {graph_tune.tiles_path()}")
+            return {"cached": self._tiles_loaded}
+        c = self.model.cfg
         r.graphs.clear()  # so that the only real row a graph holds is the throwaway request's
         g = torch.Generator().manual_seed(self.config.seed)
         n = max(1, min(prompt_len, self.max_model_len - 8))
@@ -256,9 +274,11 @@ class Engine:
             buf["stage"][0] = real
             return replay_ms(graph.replay)
 
-        widths = {(c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.hd), (c.n_heads * c.hd, c.d_model),
-                  (c.d_model, c.vocab_size), (c.d_model, ffn), (ffn, c.d_model)}
-        out = tune_in_graph(step_ms, log=log, only=lambda name, key: tuple(key[:2]) in widths)
+        out = tune_in_graph(step_ms, log=log, only=mine)
+        try:
+            out["saved"] = graph_tune.save_tiles(graph_tune.tiles_path(), graph_tune.machine_key(), only=mine)
+        except OSError as e:  # a read-only home: the tiles hold for this process
+            log(f"tune_decode: tiles not saved ({e})")
         r.graphs.clear()
         r.verify_graphs.clear()
         if self.spec is not None:

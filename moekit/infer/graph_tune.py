@@ -15,6 +15,10 @@ every run); the engine keeps whatever tiles are in the tuners' caches when a gra
 
 from __future__ import annotations
 
+import ast
+import json
+import os
+from pathlib import Path
 from typing import Callable
 
 from moekit.infer import fused_decode as fd
@@ -95,3 +99,68 @@ def tune_in_graph(step_ms: Callable[[], float], min_gain: float = 0.002,
     out["final_ms"] = step_ms()  # the graph captured again with every chosen tile
     log(f"graph tuning: step {out['final_ms']:.4f} ms with the chosen tiles")
     return out
+
+
+def model_widths(model) -> set[tuple[int, int]]:
+    """The (input, output) widths of a model's tuned decode kernels: QKV, output projection, LM
+    head, the experts' up and down projections (the tuners' keys begin with them)."""
+    c, ffn = model.cfg, model.blocks[0].ffn.experts.w1.shape[-1]
+    return {(c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.hd), (c.n_heads * c.hd, c.d_model),
+            (c.d_model, c.vocab_size), (c.d_model, ffn), (ffn, c.d_model)}
+
+
+# -- chosen tiles kept on disk, per GPU and library versions ------------------------------------------
+def tiles_path() -> Path:
+    """Where chosen tiles are kept: $MOEKIT_CACHE (as the data pipeline's cache) or ~/.cache/moekit."""
+    return Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / "decode_tiles.json"
+
+
+def machine_key() -> str:
+    """The GPU and the library versions the tiles were timed with: tiles are kept per machine key."""
+    import torch
+    import triton
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return f"{gpu} | torch {torch.__version__} | triton {triton.__version__}"
+
+
+def save_tiles(path: Path, machine: str, only: Callable[[str, tuple], bool] | None = None) -> int:
+    """Write the tuners' current tiles (those only() accepts) under machine in the JSON file at path,
+    beside what it holds for other machines and keys; the file is replaced in one rename. Returns
+    the number of tiles written."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    mine = data.setdefault(machine, {})
+    n = 0
+    for name in TUNERS:
+        for key, cfg in getattr(fd, name).cache.items():
+            if only is None or only(name, key):
+                mine.setdefault(name, {})[repr(tuple(key))] = {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps,
+                                                               "num_stages": cfg.num_stages}
+                n += 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return n
+
+
+def load_tiles(path: Path, machine: str, only: Callable[[str, tuple], bool] | None = None) -> int:
+    """Put the tiles kept under machine (those only() accepts) into the tuners' caches: the
+    autotuner then takes them instead of timing. Returns how many were put."""
+    import triton
+
+    path = Path(path)
+    if not path.exists():
+        return 0
+    n = 0
+    for name, tiles in json.loads(path.read_text()).get(machine, {}).items():
+        tuner = getattr(fd, name, None)
+        if name not in TUNERS or tuner is None:
+            continue
+        for key_repr, t in tiles.items():
+            key = ast.literal_eval(key_repr)
+            if only is None or only(name, key):
+                tuner.cache[key] = triton.Config(t["kwargs"], num_warps=t["num_warps"], num_stages=t["num_stages"])
+                n += 1
+    return n
