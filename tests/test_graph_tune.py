@@ -97,23 +97,34 @@ def test_an_engine_without_the_fused_step_on_graphs_has_nothing_to_tune():
 
 def test_chosen_tiles_are_kept_per_machine_and_put_back(tuners, tmp_path):
     """save_tiles writes each tuner's tiles under a machine key (beside other machines' and in one
-    rename); load_tiles puts them back into the tuners' caches, only for the keys asked for."""
+    rename); load_tiles puts them back into the tuners' caches, only for the keys asked for and
+    only tiles the kernel may still take; a damaged file holds nothing."""
     import triton
 
     a, b = tuners
-    a.cache[(64, 32, "bf16")] = triton.Config({"BN": 64, "SPLIT_K": 4}, num_warps=8, num_stages=3)
+    ta = triton.Config({"BN": 64, "SPLIT_K": 4}, num_warps=8, num_stages=3)
+    tb = triton.Config({"BN": 16}, num_warps=4, num_stages=2)
+    a.configs, b.configs = [ta], [tb, triton.Config({"BN": 32}, num_warps=4, num_stages=2)]
+    b.early_config_prune = None
+    a.cache[(64, 32, "bf16")] = ta
     b.cache.clear()
-    b.cache[(16, 8)] = triton.Config({"BN": 16}, num_warps=4, num_stages=2)
+    b.cache[(16, 8)] = tb
     path = tmp_path / "tiles" / "decode_tiles.json"
     assert graph_tune.save_tiles(path, "gpu-a", only=lambda name, key: key[:2] != (99, 99)) == 2
     assert graph_tune.save_tiles(path, "gpu-b") == 2
     assert not list(path.parent.glob("*.tmp"))
     a.cache.clear()
     b.cache.clear()
-    assert graph_tune.load_tiles(path, "gpu-c") == 0  # another machine: nothing
-    assert graph_tune.load_tiles(path, "gpu-a", only=lambda name, key: name == "_ta") == 1
+    assert graph_tune.load_tiles(path, "gpu-c") == set()  # another machine: nothing
+    assert graph_tune.load_tiles(path, "gpu-a", only=lambda name, key: name == "_ta") == {("_ta", (64, 32, "bf16"))}
     assert not b.cache
     cfg = a.cache[(64, 32, "bf16")]
     assert cfg.kwargs == {"BN": 64, "SPLIT_K": 4} and (cfg.num_warps, cfg.num_stages) == (8, 3)
-    assert graph_tune.load_tiles(path, "gpu-a") == 2 and b.cache[(16, 8)].num_stages == 2
-    assert graph_tune.load_tiles(tmp_path / "none.json", "gpu-a") == 0
+    assert len(graph_tune.load_tiles(path, "gpu-a")) == 2 and b.cache[(16, 8)].num_stages == 2
+    b.cache.clear()
+    b.configs = [triton.Config({"BN": 32}, num_warps=4, num_stages=2)]  # the kept tile is no longer one of b's
+    assert graph_tune.load_tiles(path, "gpu-a") == {("_ta", (64, 32, "bf16"))} and not b.cache
+    assert graph_tune.load_tiles(tmp_path / "none.json", "gpu-a") == set()
+    path.write_text('{"gpu-a": {"_ta": {"(64,": 1}')  # cut short
+    assert graph_tune.load_tiles(path, "gpu-a") == set()
+    assert graph_tune.save_tiles(path, "gpu-a") == 1  # written afresh

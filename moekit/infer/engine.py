@@ -138,7 +138,7 @@ class Engine:
                 raise ConfigError(f"speculative proposals per step must be below {FUSED_MAX_VERIFY} on GPU "
                                   f"(got {most_k})")
         spec_rows = min(cfg.max_num_seqs, self.spec_max_batch) * (most_k + 1) if speculating else 0
-        self._tiles_loaded = 0
+        self._tiles_loaded: set = set()
         if cfg.tune_decode and cfg.fused_decode and cfg.cuda_graphs and self.device.type == "cuda":
             from moekit.infer import graph_tune  # tiles tuned in the graph before on this machine, if any
 
@@ -252,15 +252,18 @@ class Engine:
         def mine(name: str, key: tuple) -> bool:  # the keys of this model's kernels
             return tuple(key[:2]) in widths
 
-        if self._tiles_loaded >= len(graph_tune.TUNERS) and not force:
-            log(f"tune_decode: {self._tiles_loaded} tiles from {graph_tune.tiles_path()}")
-            return {"cached": self._tiles_loaded}
         c = self.model.cfg
         r.graphs.clear()  # so that the only real row a graph holds is the throwaway request's
         g = torch.Generator().manual_seed(self.config.seed)
         n = max(1, min(prompt_len, self.max_model_len - 8))
         self.generate([torch.randint(0, c.vocab_size, (n,), generator=g).tolist()],
                       SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        # the keys the step's kernels now have (their dtypes and options included): kept tiles for all?
+        keys = {(name, key) for name in graph_tune.TUNERS for key in getattr(graph_tune.fd, name).cache if mine(name, key)}
+        if keys and keys <= self._tiles_loaded and not force:
+            log(f"tune_decode: {len(keys)} tiles from {graph_tune.tiles_path()}")
+            r.graphs.clear()
+            return {"cached": len(keys)}
         # the request's last decode row (its blocks are free now, and nothing else runs)
         real = r.graphs[1][1]["stage"][0].clone() if 1 in r.graphs else None
         if real is None or int(real[2]) == 0:  # its steps ran elsewhere (speculative step graphs)
@@ -277,7 +280,7 @@ class Engine:
         out = tune_in_graph(step_ms, log=log, only=mine)
         try:
             out["saved"] = graph_tune.save_tiles(graph_tune.tiles_path(), graph_tune.machine_key(), only=mine)
-        except OSError as e:  # a read-only home: the tiles hold for this process
+        except (OSError, ValueError) as e:  # a read-only home: the tiles hold for this process
             log(f"tune_decode: tiles not saved ({e})")
         r.graphs.clear()
         r.verify_graphs.clear()

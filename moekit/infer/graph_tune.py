@@ -124,12 +124,23 @@ def machine_key() -> str:
     return f"{gpu} | torch {torch.__version__} | triton {triton.__version__}"
 
 
+def _read(path: Path) -> dict:
+    """The tile file's contents; a missing, unreadable or damaged file holds nothing."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def save_tiles(path: Path, machine: str, only: Callable[[str, tuple], bool] | None = None) -> int:
     """Write the tuners' current tiles (those only() accepts) under machine in the JSON file at path,
-    beside what it holds for other machines and keys; the file is replaced in one rename. Returns
-    the number of tiles written."""
+    beside what it holds for other machines and keys; the file is replaced in one rename (from a
+    file of this process's own). Returns the number of tiles written."""
+    import tempfile
+
     path = Path(path)
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = _read(path)
     mine = data.setdefault(machine, {})
     n = 0
     for name in TUNERS:
@@ -139,28 +150,39 @@ def save_tiles(path: Path, machine: str, only: Callable[[str, tuple], bool] | No
                                                                "num_stages": cfg.num_stages}
                 n += 1
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    fd_, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd_, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return n
 
 
-def load_tiles(path: Path, machine: str, only: Callable[[str, tuple], bool] | None = None) -> int:
+def load_tiles(path: Path, machine: str, only: Callable[[str, tuple], bool] | None = None) -> set:
     """Put the tiles kept under machine (those only() accepts) into the tuners' caches: the
-    autotuner then takes them instead of timing. Returns how many were put."""
+    autotuner then takes them instead of timing. A tile the kernel can no longer take (another
+    version of it, another tuning mode) or an entry that does not parse is passed over. Returns
+    the (kernel, key) pairs put."""
     import triton
 
-    path = Path(path)
-    if not path.exists():
-        return 0
-    n = 0
-    for name, tiles in json.loads(path.read_text()).get(machine, {}).items():
+    put = set()
+    tiles_by_kernel = _read(path).get(machine, {})
+    for name, tiles in tiles_by_kernel.items() if isinstance(tiles_by_kernel, dict) else ():
         tuner = getattr(fd, name, None)
-        if name not in TUNERS or tuner is None:
+        if name not in TUNERS or tuner is None or not isinstance(tiles, dict):
             continue
         for key_repr, t in tiles.items():
-            key = ast.literal_eval(key_repr)
-            if only is None or only(name, key):
-                tuner.cache[key] = triton.Config(t["kwargs"], num_warps=t["num_warps"], num_stages=t["num_stages"])
-                n += 1
-    return n
+            try:
+                key = ast.literal_eval(key_repr)
+                cfg = triton.Config(dict(t["kwargs"]), num_warps=int(t["num_warps"]), num_stages=int(t["num_stages"]))
+            except (ValueError, SyntaxError, KeyError, TypeError):
+                continue
+            if not isinstance(key, tuple) or (only is not None and not only(name, key)):
+                continue
+            if str(cfg) in {str(c) for c in _candidates(tuner, key)}:
+                tuner.cache[key] = cfg
+                put.add((name, key))
+    return put
