@@ -196,35 +196,16 @@ def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, 
             setattr(m, name, v)
 
 
-def tune_graph(runner) -> dict:
-    """moekit.infer.graph_tune on the batch-1 decode graph, with the real row the warm-up left in
-    it; the graphs of other sizes are dropped (captured again, with the chosen tiles, when used)."""
-    from moekit.infer.graph_tune import tune_in_graph
-
-    real = next(buf["stage"][0].clone() for _, buf in runner.graphs.values() if int(buf["stage"][0, 2]) != 0)
-
-    @torch.inference_mode()
-    def step_ms() -> float:
-        runner.capture_graph(1)
-        graph, buf = runner.graphs[1]
-        buf["stage"][0] = real
-        return cuda_time_ms(graph.replay, warmup=3, iters=30)
-
-    t = time.perf_counter()
-    chosen = tune_in_graph(step_ms)
-    for b in [b for b in runner.graphs if b != 1]:
-        del runner.graphs[b]
-    return {"chosen": chosen, "seconds": time.perf_counter() - t}
-
-
 def _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile, tune=False):
     engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=max_num_seqs, cuda_graphs=True,
                                               compile=compile, fused_decode=fused))
     t = time.perf_counter()
     engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0))  # warm-up, autotune, graph capture
     startup_s = time.perf_counter() - t
-    if tune:
-        TUNING.update(tune_graph(engine.runner))
+    if tune:  # the tiles refined in the batch-1 graph (moekit.infer.graph_tune), graphs captured again
+        t = time.perf_counter()
+        TUNING.update(engine.tune_decode(prompt_len=len(prompt), force=True) or {}, seconds=time.perf_counter() - t)
+        engine.warmup()  # captured again before the timed run
     rid = engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
     engine.step()  # prefill + first token
     torch.cuda.synchronize()
