@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 from pathlib import Path
 
@@ -15,18 +14,9 @@ import torch
 
 def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
     """Median milliseconds of fn() over iters runs, timed with CUDA events after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    from moekit.infer.graph_tune import replay_ms
+
+    return replay_ms(fn, warmup, iters)
 
 
 def matmul_tflops(n: int = 8192) -> float:

@@ -36,7 +36,8 @@ def _candidates(tuner, key) -> list:
 
 
 def replay_ms(replay: Callable[[], None], warmup: int = 3, iters: int = 30) -> float:
-    """Median milliseconds of replay() (a CUDA graph's), timed with CUDA events after warm-up."""
+    """Median milliseconds of replay() (a CUDA graph's, or any GPU work), timed with CUDA events
+    after warm-up."""
     import statistics
 
     import torch

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.infer.triton_paged import _rows
+from moekit.infer.triton_paged import _attend_chunk
 from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, tile_counters
 
 ATTN_IN_WO = os.environ.get("MOEKIT_ATTN_IN_WO", "0") != "0"
@@ -46,25 +46,8 @@ def _attn_wo(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, w_ptr, out_ptr, part_ptr, se
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, HD], tl.float32)
     for c in range(0, tl.cdiv(ctx, TOK)):
-        tok = c * TOK + t
-        valid = tok < ctx
-        off = _rows(k_ptr, bt_ptr, b, kvh, tok, ctx, stride_kb, stride_kt, stride_kh, stride_btb, PAGE)
-        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # [TOK, HD]
-        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:  # a float32 cache: full precision, not TF32
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
-        else:
-            s = (tl.dot(q, tl.trans(k)) * sm_scale).to(tl.float32)  # [GP, TOK]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        pm = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(pm, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(pm, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pm.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_chunk(q, k_ptr, v_ptr, bt_ptr, b, kvh, c * TOK + t, ctx, stride_kb, stride_kt,
+                                      stride_kh, stride_btb, sm_scale, m_i, l_i, acc, HD, PAGE, IEEE)
     # the attention output as the separate kernel stores it (the cache's dtype); empty rows: zeros
     y = (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(q_ptr.dtype.element_ty)  # [GP, HD]
     n = pid_n * BN + tl.arange(0, BN)

@@ -34,6 +34,32 @@ def _rows(k_ptr, bt_ptr, b, kvh, tok, ctx, stride_kb, stride_kt, stride_kh, stri
 
 
 @triton.jit
+def _attend_chunk(q, k_ptr, v_ptr, bt_ptr, b, kvh, tok, ctx, stride_kb, stride_kt, stride_kh, stride_btb, sm_scale,
+                  m_i, l_i, acc, HD: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step over tokens tok (< ctx) of row b's KV head kvh, gathered across pages
+    in one load: (running max, running sum, unnormalised output) updated."""
+    d = tl.arange(0, HD)
+    valid = tok < ctx
+    off = _rows(k_ptr, bt_ptr, b, kvh, tok, ctx, stride_kb, stride_kt, stride_kh, stride_btb, PAGE)
+    k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # [TOK, HD]
+    v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    if IEEE:  # a float32 cache: full precision, not TF32
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+    else:
+        s = (tl.dot(q, tl.trans(k)) * sm_scale).to(tl.float32)  # [GP, TOK]
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    pm = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(pm, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(pm, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(pm.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr, out_ptr, sem_ptr,
                         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb,
                         sm_scale, n_splits,
@@ -63,25 +89,8 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr, 
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, HD], tl.float32)
         for c in range(split, chunks, n_splits):
-            tok = c * TOK + t
-            valid = tok < ctx
-            off = _rows(k_ptr, bt_ptr, b, kvh, tok, ctx, stride_kb, stride_kt, stride_kh, stride_btb, PAGE)
-            k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # [TOK, HD]
-            v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:  # a float32 cache: full precision, not TF32
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
-            else:
-                s = (tl.dot(q, tl.trans(k)) * sm_scale).to(tl.float32)  # [GP, TOK]
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            pm = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pm, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(pm, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(pm.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _attend_chunk(q, k_ptr, v_ptr, bt_ptr, b, kvh, c * TOK + t, ctx, stride_kb, stride_kt,
+                                          stride_kh, stride_btb, sm_scale, m_i, l_i, acc, HD, PAGE, IEEE)
         # partials: acc [B, H, S, HD] (unnormalised), ml [B, H, S, 2] = (max, sum)
         row = (b * (tl.num_programs(1) * G) + heads) * n_splits + split
         if split < live:
