@@ -271,24 +271,6 @@ def test_routing_in_the_output_projection_matches_its_own_kernel(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("fused_rope", [True, False])
-def test_deferred_expert_sums_change_no_bits(monkeypatch, fused_rope):
-    """The experts' down projection leaving its partial sums to the next layer's QKV projection and
-    to the LM head (MOEKIT_DEFER_DOWN), which add them as the down projection's last program
-    would: the same logits and cache, bit for bit, 3 rows over 3 layers, with the rotary embedding
-    in the projection or in a kernel of its own."""
-    from moekit.infer import fused_decode as fd
-
-    model = _model(n_experts=6, top_k=2, n_layers=3)
-    monkeypatch.setattr(fd, "FUSED_ROPE", fused_rope)
-    results = []
-    for on in (True, False):
-        monkeypatch.setattr(fd, "DEFER_DOWN", on)
-        results.append(_step_on_a_random_cache(model, 4, [6, 11, 2], [3, 9, 1], [2 * BS + 2, 6 * BS + 3, 7 * BS + 2]))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-
-
 def test_attention_in_the_output_projection_matches_the_two_kernels(monkeypatch):
     """A decode step of 3 rows with attention computed inside the output projection
     (MOEKIT_ATTN_IN_WO) and with the paged attention kernel followed by the projection: the same

@@ -192,17 +192,6 @@ def test_next_layer_prefetch_changes_no_bits(monkeypatch, rows):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 20])
-def test_deferred_expert_sums_on_the_gpu(monkeypatch, rows):
-    """The experts' down projection leaving its sums to the next layer's QKV projection and the LM
-    head (MOEKIT_DEFER_DOWN), its tiles tuned: the same logits, bit for bit (the same sums in the
-    same order); 20 rows are two blocks of 16."""
-    import moekit.infer.fused_decode as fd
-
-    off, on = _fused_step_both_ways(monkeypatch, fd, "DEFER_DOWN", rows)
-    assert torch.equal(off, on)
-
-
-@pytest.mark.parametrize("rows", [1, 3, 20])
 def test_routing_in_the_output_projection_on_the_gpu(monkeypatch, rows):
     """Routing at the end of the output projection, with its programs running at once: logits as
     with the routing kernel of its own (the same sums up to the order of a reduction; a row routed

@@ -32,8 +32,7 @@ LINEAR = {"x_ptr": "*fp32", **_ptr("g_ptr w_ptr out_ptr", "*bf16"), "part_ptr": 
           **_ptr("B K N", "i32"), "eps": "fp32", **_ptr("stride_xb stride_wn stride_ob", "i32"), "pos_ptr": "*i64",
           **_ptr("cos_ptr sin_ptr", "*bf16"), "slot_ptr": "*i64", **_ptr("q_ptr k_ptr v_ptr", "*bf16"),
           **_ptr("rg_ptr rw_ptr rxn_ptr", "*bf16"), "rids_ptr": "*i32", "rgates_ptr": "*fp32", "rslots_ptr": "*i64",
-          "rsem_ptr": "*i32", "RE": "i32", "r_eps": "fp32", "fpart_ptr": "*fp32", "fids_ptr": "*i32",
-          "fgates_ptr": "*fp32", "fR": "i32", "fx_ptr": "*fp32"}
+          "rsem_ptr": "*i32", "RE": "i32", "r_eps": "fp32"}
 PAGED = {**_ptr("q_ptr k_ptr v_ptr", "*bf16"), **_ptr("bt_ptr lens_ptr", "*i32"), **_ptr("acc_ptr ml_ptr", "*fp32"),
          "out_ptr": "*bf16", "sem_ptr": "*i32",
          **_ptr("stride_qb stride_qh stride_kb stride_kt stride_kh stride_btb", "i32"), "sm_scale": "fp32",
@@ -54,11 +53,6 @@ BUILDS = {
     "up_evict_first": ("triton_experts._expert_up", UP, dict(EXPERT, SPLIT_K=2, EVICT="evict_first"), 4, 3),
     "qkv_rope": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=8, ROPE=True, H=16, HKV=4, HALF=64), 4, 4),
     "qkv": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=8, ROPE=False), 4, 4),
-    "qkv_rope_deferred_sums": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=4, ROPE=True, H=16,
-                                                            HKV=4, HALF=64, PRELOAD=True, FOLD=True, FTOPK=2, FSK=4,
-                                                            FWB=True), 8, 4),
-    "down_deferred": ("triton_experts._expert_down", DOWN, dict(EXPERT, SPLIT_K=4, EVICT="", NEXT=False, LINE=64,
-                                                               DEFER=True), 4, 4),
     "qkv_plain": ("_norm_linear", LINEAR, dict(PROJ, NORM=True, ACCUM=False, SPLIT_K=8, ROPE=False, PRELOAD=False), 4, 4),
     **{f"wo_route_split{sk}": ("_norm_linear", {**LINEAR, "x_ptr": "*bf16", "out_ptr": "*fp32"},
                                dict(PROJ, NORM=False, ACCUM=True, SPLIT_K=sk, ROUTE=True, EP=8, RBK=2048, TOPK=2,
@@ -175,14 +169,6 @@ def test_self_prefetch_is_asked_before_the_wait_only_when_on(built, name):
     m = _marks(built, name)
     assert m["griddepcontrol.wait"]
     assert m["prefetch_before_wait"] == m["prefetch.global.L2"] == ("self_prefetch" in name)
-
-
-def test_deferred_expert_sums_build(built):
-    """MOEKIT_DEFER_DOWN: the down projection counts no finished tiles (no program waits for the
-    others); the QKV projection that adds its sums still loads its first weights before the wait."""
-    assert not _marks(built, "down_deferred")["atom"] and _marks(built, "down_plain")["atom"]
-    m = _marks(built, "qkv_rope_deferred_sums")
-    assert m["griddepcontrol.wait"] and m["load_before_wait"] and m["atom"]
 
 
 if __name__ == "__main__":  # the child process

@@ -56,11 +56,7 @@ PREFETCH_SELF = os.environ.get("MOEKIT_PREFETCH_SELF", "0") != "0"
 # each projection program loads its weights' first block into registers before it waits for the
 # kernel before it (MOEKIT_PRELOAD_FIRST=0: after)
 PRELOAD_FIRST = os.environ.get("MOEKIT_PRELOAD_FIRST", "1") != "0"
-PRE_COLS, PRE_ROWS = 1024, 256
-# the experts' down projection leaves its partial sums to the next layer's QKV projection (or the LM
-# head), which adds them to the residual as it reads it: no program of the down projection waits
-# for the others to finish (MOEKIT_DEFER_DOWN=0: the down projection's last program adds them)
-DEFER_DOWN = os.environ.get("MOEKIT_DEFER_DOWN", "0") != "0"  # how much: columns of K per projection program, rows of F per expert program
+PRE_COLS, PRE_ROWS = 1024, 256  # how much: columns of K per projection program, rows of F per expert program
 # the rotary embedding and K/V store at the end of the QKV projection (MOEKIT_FUSED_ROPE=0: a
 # kernel of their own, one launch more per layer)
 FUSED_ROPE = os.environ.get("MOEKIT_FUSED_ROPE", "1") != "0"
@@ -86,39 +82,14 @@ def _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM: tl
 
 
 @triton.jit
-def _expert_sums(part_ptr, ids_ptr, gates_ptr, rows, rmask, kk, kmask, R, K, TOPK: tl.constexpr, SK: tl.constexpr):
-    """sum_j gate[b, j] sum_s part[s, b * TOPK + j, kk] for rows b (a padding row, expert ids -1:
-    zeros), in this order: the experts' down projection's sums whose reduction it left to the
-    kernel after it (triton_experts.expert_down(defer=True)), added as that reduction would."""
-    y = tl.zeros([rows.shape[0], kk.shape[0]], tl.float32)
-    for j in tl.static_range(TOPK):
-        r = rows * TOPK + j
-        chosen = tl.load(ids_ptr + r, mask=rmask, other=-1) >= 0
-        yj = tl.zeros([rows.shape[0], kk.shape[0]], tl.float32)
-        for sk in tl.static_range(SK):
-            yj += tl.load(part_ptr + (sk * R + r)[:, None] * K + kk[None, :], mask=(rmask & chosen)[:, None] & kmask[None, :],
-                          other=0.0, cache_modifier=".cg")
-        y += yj * tl.load(gates_ptr + r, mask=rmask, other=0.0)[:, None]
-    return y
-
-
-@triton.jit
 def _linear_block(acc, ss, x_ptr, g_ptr, rows, rmask, stride_xb, k0, K, w, NORM: tl.constexpr, USE_DOT: tl.constexpr,
-                  IEEE: tl.constexpr, BK: tl.constexpr, fold=None, FOLD: tl.constexpr = False,
-                  FTOPK: tl.constexpr = 1, FSK: tl.constexpr = 1):
+                  IEEE: tl.constexpr, BK: tl.constexpr):
     """acc += f(x)[rows, k0 ... k0 + BK] @ w.T for the weights' block w [BN, BK]; ss += the
-    block's sums of squares (NORM: x scaled by the norm's weights g, the RMS applied at the end).
-    FOLD: x is first completed with the previous layer's experts' sums (fold = (part, ids, gates,
-    R, the new residual's pointer, whether this program writes it): _expert_sums)."""
+    block's sums of squares (NORM: x scaled by the norm's weights g, the RMS applied at the end)."""
     kk = k0 + tl.arange(0, BK)
     kmask = kk < K
     xk = tl.load(x_ptr + rows[:, None] * stride_xb + kk[None, :], mask=rmask[:, None] & kmask[None, :],
                  other=0.0).to(tl.float32)
-    if FOLD:
-        fpart_ptr, fids_ptr, fgates_ptr, fR, fx_ptr, writes = fold
-        xk += _expert_sums(fpart_ptr, fids_ptr, fgates_ptr, rows, rmask, kk, kmask, fR, K, FTOPK, FSK)
-        if writes:  # one program per block of K writes the completed residual (into another buffer)
-            tl.store(fx_ptr + rows[:, None] * stride_xb + kk[None, :], xk, mask=rmask[:, None] & kmask[None, :])
     if NORM:  # RMSNorm(x) g @ w = rstd * ((x g) @ w): one pass, rstd applied at the end
         ss += tl.sum(xk * xk, 1)
         xk = xk * tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
@@ -137,13 +108,11 @@ def _linear_block(acc, ss, x_ptr, g_ptr, rows, rmask, stride_xb, k0, K, w, NORM:
 def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, stride_xb, stride_wn, stride_ob,
                  pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
                  rg_ptr, rw_ptr, rxn_ptr, rids_ptr, rgates_ptr, rslots_ptr, rsem_ptr, RE, r_eps,
-                 fpart_ptr, fids_ptr, fgates_ptr, fR, fx_ptr,
                  NORM: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                  PDL: tl.constexpr, ROPE: tl.constexpr = False, H: tl.constexpr = 1, HKV: tl.constexpr = 1, HALF: tl.constexpr = 1,
                  ROUTE: tl.constexpr = False, EP: tl.constexpr = 2, RBK: tl.constexpr = 16, TOPK: tl.constexpr = 1,
-                 RENORM: tl.constexpr = False, PRE: tl.constexpr = 0, PRELOAD: tl.constexpr = False,
-                 FOLD: tl.constexpr = False, FTOPK: tl.constexpr = 1, FSK: tl.constexpr = 1, FWB: tl.constexpr = False):
+                 RENORM: tl.constexpr = False, PRE: tl.constexpr = 0, PRELOAD: tl.constexpr = False):
     """out[b, n] (+)= sum_k f(x)[b, k] w[n, k], f = RMSNorm(weight g) when NORM. All rows of a BM
     block share each weight tile (tl.dot on rows padded to BM). ACCUM adds into out; otherwise
     out is overwritten.
@@ -160,12 +129,7 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
 
     ROUTE (the output projection, ACCUM into the residual out): the last program to finish a tile
     of a block of rows routes those rows (triton_route._route_block; rg_ptr ... r_eps: the
-    routing's norm and router weights, outputs, the rows' K/V slots, its counters).
-
-    FOLD: x is the residual before the previous layer's experts' down projection, whose sums that
-    projection left in fpart_ptr [FSK, fR, K] (ids fids_ptr, gates fgates_ptr; FTOPK a row): each
-    program adds them to the x it reads, and with FWB the programs of the first block of N write
-    the completed residual to fx_ptr (another buffer: the other programs still read x)."""
+    routing's norm and router weights, outputs, the rows' K/V slots, its counters)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -189,17 +153,14 @@ def _norm_linear(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, sem_ptr, B, K, N, eps, 
     acc = tl.zeros([BM, BN], tl.float32)
     ss = tl.zeros([BM], tl.float32)
     k_start = k_lo
-    fold = (fpart_ptr, fids_ptr, fgates_ptr, fR, fx_ptr, (pid_n == 0) & FWB)
     if PRELOAD:
-        acc, ss = _linear_block(acc, ss, x_ptr, g_ptr, rows, rmask, stride_xb, k_lo, K, w_first, NORM, USE_DOT, IEEE, BK,
-                                fold, FOLD, FTOPK, FSK)
+        acc, ss = _linear_block(acc, ss, x_ptr, g_ptr, rows, rmask, stride_xb, k_lo, K, w_first, NORM, USE_DOT, IEEE, BK)
         k_start = k_lo + BK
     for k0 in range(k_start, tl.minimum(k_lo + k_per, K), BK):
         kk = k0 + tl.arange(0, BK)
         w = tl.load(w_ptr + wn[:, None] * stride_wn + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :],
                     other=0.0)  # [BN, BK], rows contiguous
-        acc, ss = _linear_block(acc, ss, x_ptr, g_ptr, rows, rmask, stride_xb, k0, K, w, NORM, USE_DOT, IEEE, BK,
-                                fold, FOLD, FTOPK, FSK)
+        acc, ss = _linear_block(acc, ss, x_ptr, g_ptr, rows, rmask, stride_xb, k0, K, w, NORM, USE_DOT, IEEE, BK)
     if SPLIT_K == 1:
         _finish(acc, ss, rows, n, rmask, nmask, out_ptr, K, eps, stride_ob, NORM, ACCUM, w_ptr,
                 trig, q_ptr, k_ptr, v_ptr, pid_n * BN, N, BM, BN, ROPE, H, HKV, HALF)
@@ -264,16 +225,13 @@ _norm_linear_rope = triton.autotune(_linear_configs(), **_tune)(_norm_linear)
 
 def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None, eps: float = 1e-5,
                 out: torch.Tensor | None = None, accumulate: bool = False, use_dot: bool = True,
-                split_k: int = 2, rope: tuple | None = None, route: tuple | None = None,
-                pending: tuple | None = None, x_out: torch.Tensor | None = None) -> torch.Tensor | None:
+                split_k: int = 2, rope: tuple | None = None, route: tuple | None = None) -> torch.Tensor | None:
     """x: [B, K]; w: [N, K] -> out [B, N] = (RMSNorm_g(x) if g is given else x) @ w.T, or
     out += x @ w.T when accumulate (out float32). use_dot and split_k pick the tile off the GPU
     (on the GPU the autotuner picks). rope = (pos, cos, sin, slots, q, k_cache, v_cache, H, HKV):
     w is a fused QKV weight, and its product is rotated and written to q and the cache slots
     instead (returns None). route = triton_route.route_args(out, ...): with accumulate, the
-    projection then routes the rows of out it wrote. pending = (part, ids, gates, split):
-    x still lacks the experts' sums that triton_experts.expert_down(defer=True) left in part;
-    they are added to x as it is read, and written with it to x_out when given."""
+    projection then routes the rows of out it wrote."""
     B, K = x.shape
     N = w.shape[0]
     assert 1 <= split_k <= 8, "split_k: 1 ... 8 (the partial sums are sized for 8)"
@@ -293,17 +251,9 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
     ptrs = rope[:7] if rope is not None else (x,) * 7
     rargs, rkw = route if route is not None else ((x,) * 7 + (0, 0.0), {})
     assert route is None or accumulate, "routing follows the projection that adds into the residual"
-    fargs, fkw = (part, sem, part, 0, part), {}  # unused; of the dtypes the tuner's key sees when they are used
-    if pending is not None:
-        fpart, fids, fgates, fsplit = pending
-        assert not accumulate and x.dtype == torch.float32 and (x_out is None or x_out.shape == x.shape), \
-            "the experts' sums are added to a float32 residual that the projection reads"
-        fargs = (fpart, fids, fgates, fids.numel(), x_out if x_out is not None else x)
-        fkw = dict(FOLD=True, FTOPK=fids.shape[1], FSK=fsplit, FWB=x_out is not None)
-        assert x_out is None or x_out.data_ptr() != x.data_ptr(), "the completed residual goes to another buffer"
     args = (x, g if g is not None else x, w, out, part, sem, B, K, N, eps, x.stride(0), w.stride(0), out.stride(0),
-            *ptrs, *rargs, *fargs)
-    kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, **rkw, **fkw, **pdl_kw(x))
+            *ptrs, *rargs)
+    kw = dict(NORM=g is not None, ACCUM=accumulate, IEEE=w.dtype == torch.float32, **rkw, **pdl_kw(x))
     if PREFETCH_SELF and kw["PDL"] and w.element_size() == 2:  # 64 elements to a 128-byte line
         kw["PRE"] = PRE_COLS
     kw["PRELOAD"] = PRELOAD_FIRST
@@ -451,20 +401,13 @@ class FusedDecoder:
         ids32 = torch.empty(B, c.top_k, device=x.device, dtype=torch.int32)
         gates = torch.empty(B, c.top_k, device=x.device, dtype=torch.float32)
         xn = torch.empty(B, c.d_model, device=x.device, dtype=m.embed.weight.dtype)
-        pending, spare = None, None  # the last layer's deferred expert sums; the other residual buffer
         for i, blk in enumerate(m.blocks):
             kc, vc = self.kv_k[i], self.kv_v[i]
-            x_in = x
-            if pending is not None:  # the projection completes the residual into the other buffer
-                spare = torch.empty_like(x) if spare is None else spare
-                x, spare = spare, x
-            x_out = x if pending is not None else None
             if FUSED_ROPE:  # q into q, k and v into their slots, rotated
-                norm_linear(x_in, self.wqkv[i], blk.attn_norm.weight, blk.attn_norm.eps,
-                            rope=(pos, cos, sin, slots, q, kc, vc, H, Hkv), pending=pending, x_out=x_out)
+                norm_linear(x, self.wqkv[i], blk.attn_norm.weight, blk.attn_norm.eps,
+                            rope=(pos, cos, sin, slots, q, kc, vc, H, Hkv))
             else:
-                qkv = norm_linear(x_in, self.wqkv[i], blk.attn_norm.weight, blk.attn_norm.eps, pending=pending,
-                                  x_out=x_out)  # [B, (H + 2 Hkv) hd]
+                qkv = norm_linear(x, self.wqkv[i], blk.attn_norm.weight, blk.attn_norm.eps)  # [B, (H + 2 Hkv) hd]
                 _rope_store[(B, H + 2 * Hkv)](qkv, pos, cos, sin, slots, q, kc, vc, qkv.stride(0),
                                               H=H, HKV=Hkv, HALF=hd // 2, **pdl_kw(x))
             moe = blk.ffn
@@ -482,8 +425,7 @@ class FusedDecoder:
                 norm_linear(y.view(B, H * hd), blk.attn.wo.weight, out=x, accumulate=True)
                 triton_route.route(*routing)
             h = expert_up(xn, ids32, moe.experts.w1, moe.experts.w3, evict_first=PREFETCH_NEXT)  # [B * k, f]
-            pending = expert_down(h, ids32, gates, moe.experts.w2, x,
-                                  prefetch=self._next_weights(i) if PREFETCH_NEXT else None,
-                                  self_prefetch=PRE_ROWS if PREFETCH_SELF else 0, defer=DEFER_DOWN)
-        return norm_linear(x, m.lm_head.weight, m.norm.weight, m.norm.eps, pending=pending,
+            expert_down(h, ids32, gates, moe.experts.w2, x, prefetch=self._next_weights(i) if PREFETCH_NEXT else None,
+                        self_prefetch=PRE_ROWS if PREFETCH_SELF else 0)
+        return norm_linear(x, m.lm_head.weight, m.norm.weight, m.norm.eps,
                            out=torch.empty(B, c.vocab_size, device=x.device, dtype=torch.float32))

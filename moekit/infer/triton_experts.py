@@ -118,8 +118,7 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, 
                  nx1_ptr, nx1_n, nx2_ptr, nx2_n,
                  TOPK: tl.constexpr, RP: tl.constexpr, EP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = "",
-                 NEXT: tl.constexpr = False, LINE: tl.constexpr = 64, PRE: tl.constexpr = 0,
-                 DEFER: tl.constexpr = False):
+                 NEXT: tl.constexpr = False, LINE: tl.constexpr = 64, PRE: tl.constexpr = 0):
     """Program (expert e (_slot_expert), block of D, share of F): part[share, r] = h[r] @ w2[e] over the share,
     for the assignments r routed to e (tiles of BM rows, as in _expert_up). The last of the (grid
     rows x SPLIT_K) programs of a block of D to arrive adds, for every row b, out[b] += sum_j gate[b, j]
@@ -131,10 +130,7 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, 
 
     PRE: before waiting for the kernel before it (the experts' up projection), each program asks
     L2 for the first PRE rows of its share of its expert's weights. ids were written by the
-    kernel before that one, which had finished before this kernel's programs could be placed.
-
-    DEFER: the partial sums are left in part for the kernel after (fused_decode.norm_linear(pending=...)
-    adds them, in the same order, as it reads the residual): no program waits for the others here."""
+    kernel before that one, which had finished before this kernel's programs could be placed."""
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     k_per = tl.cdiv(tl.cdiv(F, SPLIT_K), BK) * BK
@@ -167,21 +163,20 @@ def _expert_down(h_ptr, ids_ptr, gates_ptr, w2_ptr, part_ptr, out_ptr, sem_ptr, 
         parts = tl.num_programs(0) * tl.num_programs(1) * SPLIT_K
         _prefetch_range(nx1_ptr, nx1_n, part, parts, LINE, 128)
         _prefetch_range(nx2_ptr, nx2_n, part, parts, LINE, 128)
-    if not DEFER:  # otherwise the kernel after adds the partial sums
-        if last_to_arrive(sem_ptr, pid_n, tl.num_programs(0) * SPLIT_K):
-            for b0 in range(0, B, BM):
-                b = b0 + tl.arange(0, BM)
-                m = (b < B)[:, None] & nmask[None, :]
-                y = tl.zeros([BM, BN], tl.float32)
-                for j in tl.static_range(TOPK):
-                    yj = tl.zeros([BM, BN], tl.float32)
-                    chosen = tl.load(ids_ptr + b * TOPK + j, mask=b < B, other=-1) >= 0  # padding rows: none
-                    for sk in tl.static_range(SPLIT_K):
-                        yj += tl.load(part_ptr + (sk * R + b * TOPK + j)[:, None] * D + n[None, :],
-                                      mask=m & chosen[:, None], other=0.0, cache_modifier=".cg")
-                    y += yj * tl.load(gates_ptr + b * TOPK + j, mask=b < B, other=0.0)[:, None]
-                optr = out_ptr + b[:, None] * stride_ob + n[None, :]
-                tl.store(optr, tl.load(optr, mask=m, other=0.0) + y, mask=m)
+    if last_to_arrive(sem_ptr, pid_n, tl.num_programs(0) * SPLIT_K):
+        for b0 in range(0, B, BM):
+            b = b0 + tl.arange(0, BM)
+            m = (b < B)[:, None] & nmask[None, :]
+            y = tl.zeros([BM, BN], tl.float32)
+            for j in tl.static_range(TOPK):
+                yj = tl.zeros([BM, BN], tl.float32)
+                chosen = tl.load(ids_ptr + b * TOPK + j, mask=b < B, other=-1) >= 0  # padding rows: none
+                for sk in tl.static_range(SPLIT_K):
+                    yj += tl.load(part_ptr + (sk * R + b * TOPK + j)[:, None] * D + n[None, :],
+                                  mask=m & chosen[:, None], other=0.0, cache_modifier=".cg")
+                y += yj * tl.load(gates_ptr + b * TOPK + j, mask=b < B, other=0.0)[:, None]
+            optr = out_ptr + b[:, None] * stride_ob + n[None, :]
+            tl.store(optr, tl.load(optr, mask=m, other=0.0) + y, mask=m)
 
 
 _EXPERT_TILES = ((64, 64), (128, 64), (64, 128), (256, 64), (128, 128))  # (BN, BK); deeper pipelines, more warps
@@ -233,14 +228,12 @@ def expert_up(xn: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w3: torch.T
 
 def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: torch.Tensor, out: torch.Tensor,
                 split_k: int = 2, prefetch: tuple[torch.Tensor, torch.Tensor] | None = None,
-                self_prefetch: int = 0, defer: bool = False) -> tuple | None:
+                self_prefetch: int = 0) -> None:
     """h: [B * topk, F]; ids, gates: [B, topk]; w2: [E, F, D]; out [B, D] float32 += the gated sum.
     prefetch: two tensors (of the weights' dtype) the kernel asks L2 for once its sums are out, on
     GPU (Triton's interpreter has no prefetch: there it is ignored). self_prefetch: rows of each
     program's share of its expert's weights asked of L2 before it waits for the kernel before
-    (with programmatic dependent launch; ids must then come from the kernel before that one).
-    defer: out is left as it is and (part, ids, gates, split) returned, the partial sums for the
-    kernel after to add (fused_decode.norm_linear(pending=...)); keep part alive until then."""
+    (with programmatic dependent launch; ids must then come from the kernel before that one)."""
     B, topk = ids.shape
     E, F, D = w2.shape
     R = B * topk
@@ -254,10 +247,7 @@ def expert_down(h: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w2: tor
               LINE=128 // p1.element_size(), EVICT="evict_first" if nxt else "", **pdl_kw(h))
     if self_prefetch and kw["PDL"] and w2.element_size() == 2:
         kw["PRE"] = self_prefetch
-    kw["DEFER"] = defer
     if _INTERPRET or not h.is_cuda:
         _expert_down[(min(E, R), triton.cdiv(D, 32), split_k)](*args, **kw, BM=16, BN=32, BK=32, SPLIT_K=split_k)
     else:
         _expert_down_tuned[lambda m: (min(E, R), triton.cdiv(D, m["BN"]), m["SPLIT_K"])](*args, **kw)
-        split_k = _expert_down_tuned.best_config.kwargs["SPLIT_K"]
-    return (part, ids, gates, split_k) if defer else None
