@@ -169,8 +169,7 @@ TUNING: dict = {}  # what graph tuning chose (--tune-graph), by engine variant
 
 def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, fused: bool, compile: bool = False,
                   pdl: bool = True, prefetch: bool = False, rope: bool = True, route_in_wo: bool = False,
-                  prefetch_self: bool = False, tune: bool = False, attn_in_wo: bool = False,
-                  attn_prefetch_wo: bool = False):
+                  prefetch_self: bool = False, tune: bool = False, attn_in_wo: bool = False):
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
     graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch;
     prefetch=True has each layer's expert down projection ask L2 for the next layer's attention
@@ -181,15 +180,13 @@ def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, 
     route_in_wo=True routes each layer's rows at the end of its output projection;
     prefetch_self=True has each kernel ask L2 for its first weights (attention: its pages) before
     it waits for the kernel before it; attn_in_wo=True computes attention inside the output
-    projection (triton_attn_wo); attn_prefetch_wo=True has attention's splits without context ask L2
-    for the output projection's weights (triton_paged.PREFETCH_NEXT). Variants run after
-    moekit-fused keep the tiles it chose (the tuners' caches are the process's)."""
+    projection (triton_attn_wo). Variants run after moekit-fused keep the tiles it chose (the tuners'
+    caches are the process's), so their tokens compare bit for bit."""
     from moekit.infer import fused_decode, triton_attn_wo, triton_paged, triton_route, triton_sync
 
     flags = [(triton_sync, "ENABLED", pdl), (fused_decode, "PREFETCH_NEXT", prefetch), (fused_decode, "FUSED_ROPE", rope),
              (triton_route, "ROUTE_IN_WO", route_in_wo), (fused_decode, "PREFETCH_SELF", prefetch_self),
-             (triton_paged, "PREFETCH", prefetch_self), (triton_attn_wo, "ATTN_IN_WO", attn_in_wo),
-             (triton_paged, "PREFETCH_NEXT", attn_prefetch_wo)]
+             (triton_paged, "PREFETCH", prefetch_self), (triton_attn_wo, "ATTN_IN_WO", attn_in_wo)]
     was = [getattr(m, name) for m, name, _ in flags]
     for m, name, v in flags:
         setattr(m, name, v)
@@ -246,7 +243,7 @@ def main():
     variants = {v for v in args.variants.split(",") if v} | ({"unfused-compiled"} if args.compile else set())
     if variants - {"fused-prefetch", "fused-route-in-wo", "fused-prefetch-route-in-wo", "fused-no-pdl",
                    "fused-separate-rope", "fused-prefetch-self", "fused-prefetch-self-route-in-wo", "fused-attn-in-wo",
-                   "fused-attn-prefetch-wo", "unfused",
+                   "unfused",
                    "unfused-compiled"}:
         ap.error(f"unknown --variants: {args.variants}")
 
@@ -270,7 +267,6 @@ def main():
             "moekit-fused-prefetch-self": dict(fused=True, prefetch_self=True),
             "moekit-fused-prefetch-self-route-in-wo": dict(fused=True, prefetch_self=True, route_in_wo=True),
             "moekit-fused-attn-in-wo": dict(fused=True, attn_in_wo=True),
-            "moekit-fused-attn-prefetch-wo": dict(fused=True, attn_prefetch_wo=True),
             "moekit-fused-no-pdl": dict(fused=True, pdl=False), "moekit-fused-separate-rope": dict(fused=True, rope=False),
             "moekit-unfused": dict(fused=False)}
     if args.compile:

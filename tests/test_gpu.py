@@ -191,16 +191,6 @@ def test_next_layer_prefetch_changes_no_bits(monkeypatch, rows):
     assert torch.equal(off, on)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_attention_asking_for_the_output_projection_changes_no_bits(monkeypatch, rows):
-    """Attention's splits without context asking L2 for the output projection's weights
-    (MOEKIT_ATTN_PREFETCH_WO) is a cache hint: the same logits, bit for bit, as without."""
-    from moekit.infer import triton_paged
-
-    off, on = _fused_step_both_ways(monkeypatch, triton_paged, "PREFETCH_NEXT", rows)
-    assert torch.equal(off, on)
-
-
 @pytest.mark.parametrize("rows", [1, 3, 20])
 def test_routing_in_the_output_projection_on_the_gpu(monkeypatch, rows):
     """Routing at the end of the output projection, with its programs running at once: logits as

@@ -36,7 +36,7 @@ LINEAR = {"x_ptr": "*fp32", **_ptr("g_ptr w_ptr out_ptr", "*bf16"), "part_ptr": 
 PAGED = {**_ptr("q_ptr k_ptr v_ptr", "*bf16"), **_ptr("bt_ptr lens_ptr", "*i32"), **_ptr("acc_ptr ml_ptr", "*fp32"),
          "out_ptr": "*bf16", "sem_ptr": "*i32",
          **_ptr("stride_qb stride_qh stride_kb stride_kt stride_kh stride_btb", "i32"), "sm_scale": "fp32",
-         "n_splits": "i32", "nx_ptr": "*bf16", "nx_n": "i32"}
+         "n_splits": "i32"}
 ATTN_WO = {**_ptr("q_ptr k_ptr v_ptr", "*bf16"), **_ptr("bt_ptr lens_ptr", "*i32"), "w_ptr": "*bf16",
            **_ptr("out_ptr part_ptr", "*fp32"), "sem_ptr": "*i32", **_ptr("B N", "i32"),
            **_ptr("stride_qb stride_qh stride_kb stride_kt stride_kh stride_btb stride_wn stride_ob", "i32"),
@@ -68,8 +68,6 @@ BUILDS = {
                 dict(G=4, GP=16, HD=128, PAGE=16, TOK=64, BN=64, IEEE=False, PDL=True), 8, 3),
     "route": ("triton_route._route", ROUTE, dict(EP=8, BK=2048, TOPK=2, RENORM=True, PDL=True), 8, 3),
     "paged": ("triton_paged._paged_decode_split", PAGED, dict(G=4, GP=16, HD=128, PAGE=16, TOK=64, IEEE=False, PDL=True), 4, 3),
-    "paged_prefetch_wo": ("triton_paged._paged_decode_split", PAGED,
-                          dict(G=4, GP=16, HD=128, PAGE=16, TOK=64, IEEE=False, PDL=True, NX=True, LINE=64), 4, 3),
 }
 MARKS = ("prefetch.global.L2", "evict_first", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "atom")
 
@@ -171,14 +169,6 @@ def test_self_prefetch_is_asked_before_the_wait_only_when_on(built, name):
     m = _marks(built, name)
     assert m["griddepcontrol.wait"]
     assert m["prefetch_before_wait"] == m["prefetch.global.L2"] == ("self_prefetch" in name)
-
-
-def test_attention_asks_for_the_output_projection_after_the_wait(built):
-    """MOEKIT_ATTN_PREFETCH_WO: the splits without context ask L2 for the output projection's
-    weights once the QKV projection has finished (memory is idle while attention runs), not
-    before: they would then compete with the projection's own reads."""
-    m = _marks(built, "paged_prefetch_wo")
-    assert m["griddepcontrol.wait"] and m["prefetch.global.L2"] and not m["prefetch_before_wait"]
 
 
 if __name__ == "__main__":  # the child process

@@ -40,7 +40,7 @@ from moekit.infer.triton_experts import (_expert_down, _expert_down_tuned, _expe
                                          expert_down, expert_up)
 from moekit.infer.triton_paged import paged_decode_triton
 from moekit.infer.triton_rope import _rope_finish, _rope_row, _rope_store, _rope_trig
-from moekit.infer import triton_attn_wo, triton_paged, triton_route
+from moekit.infer import triton_attn_wo, triton_route
 from moekit.infer.triton_route import _route_block
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -421,8 +421,7 @@ class FusedDecoder:
                 norm_linear(y.view(B, H * hd), blk.attn.wo.weight, out=x, accumulate=True,
                             route=triton_route.route_args(*routing))
             else:
-                y = paged_decode_triton(q, kc, vc, tables, lens,
-                                        prefetch=blk.attn.wo.weight if triton_paged.PREFETCH_NEXT else None)
+                y = paged_decode_triton(q, kc, vc, tables, lens)
                 norm_linear(y.view(B, H * hd), blk.attn.wo.weight, out=x, accumulate=True)
                 triton_route.route(*routing)
             h = expert_up(xn, ids32, moe.experts.w1, moe.experts.w3, evict_first=PREFETCH_NEXT)  # [B * k, f]

@@ -18,16 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, prefetch_l2, prefetch_range, tile_counters
+from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, prefetch_l2, tile_counters
 
 MAX_SPLITS = 64
 # with programmatic dependent launch, each program asks L2 for its first chunk's rows before it
 # waits for the kernel before it (the QKV projection); MOEKIT_PREFETCH_SELF=1, as the fused step's
 PREFETCH = os.environ.get("MOEKIT_PREFETCH_SELF", "0") != "0"
-# the splits that hold no context ask L2 for the next kernel's weights (the output projection's),
-# once the kernel before has finished: memory is idle while attention runs, and the projection then
-# reads them from L2 (MOEKIT_ATTN_PREFETCH_WO=0: off)
-PREFETCH_NEXT = os.environ.get("MOEKIT_ATTN_PREFETCH_WO", "0") != "0"
 
 
 @triton.jit
@@ -66,28 +62,15 @@ def _attend_chunk(q, k_ptr, v_ptr, bt_ptr, b, kvh, tok, ctx, stride_kb, stride_k
 @triton.jit
 def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr, out_ptr, sem_ptr,
                         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb,
-                        sm_scale, n_splits, nx_ptr, nx_n,
+                        sm_scale, n_splits,
                         G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, PAGE: tl.constexpr, TOK: tl.constexpr,
-                        IEEE: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr = False, NX: tl.constexpr = False,
-                        LINE: tl.constexpr = 64):
-    """NX: the splits holding no context ask L2 for nx_n elements at nx_ptr (LINE to a 128-byte
-    line), once the kernel before has finished: each (row, KV head) a share, split among them."""
+                        IEEE: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr = False):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(lens_ptr + b)  # written before the step, not by the kernel before
     chunks = tl.cdiv(ctx, TOK)
     live = tl.minimum(chunks, n_splits)  # splits holding context
-    if NX:
-        if split >= tl.maximum(live, 1):
-            gdc(PDL)  # what the kernel after reads, while this kernel's live splits attend
-            idle = n_splits - tl.maximum(live, 1)
-            group = b * tl.num_programs(1) + kvh
-            groups = tl.num_programs(0) * tl.num_programs(1)
-            share = tl.cdiv(tl.cdiv(nx_n, LINE), groups) * LINE  # whole lines a group
-            lo = group * share
-            n = tl.maximum(tl.minimum(share, nx_n - lo), 0)
-            prefetch_range(nx_ptr + lo, n, split - tl.maximum(live, 1), idle, LINE, 128)
     if split < tl.maximum(live, 1):  # the others leave (an empty row: split 0 writes its zeros)
         d = tl.arange(0, HD)
         t = tl.arange(0, TOK)
@@ -138,14 +121,11 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr, 
 
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor,
-                        tokens_per_chunk: int = 64, max_splits: int = MAX_SPLITS,
-                        prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                        tokens_per_chunk: int = 64, max_splits: int = MAX_SPLITS) -> torch.Tensor:
     """q: [B, H, hd]; k_cache/v_cache: [num_blocks, page, Hkv, hd]; block_tables: [B, max_pages]
     int32; context_lens: [B] int32 -> [B, H, hd]. No host synchronisation (graph-capturable).
     tokens_per_chunk (a power of two, 16 or more): tokens a program gathers at once; max_splits:
-    the most programs a row's KV head is split over. prefetch: a tensor the kernel after reads
-    (weights, 2-byte elements), asked of L2 by the splits that hold no context, on the GPU with
-    programmatic dependent launch (a hint: the same numbers; ignored elsewhere)."""
+    the most programs a row's KV head is split over."""
     B, H, hd = q.shape
     page, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
@@ -156,13 +136,10 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = torch.empty(B, H, hd, device=q.device, dtype=q.dtype)
     q = q.contiguous()
     pdl = pdl_kw(q)
-    nx = prefetch is not None and pdl["PDL"] and prefetch.element_size() == 2 and prefetch.is_contiguous()
-    nx_t = prefetch if nx else q
     _paged_decode_split[(B, Hkv, n_splits)](
         q, k_cache, v_cache, block_tables, context_lens, acc, ml, out, tile_counters(q.device, B * Hkv),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        hd ** -0.5, n_splits, nx_t, nx_t.numel() if nx else 0,
+        hd ** -0.5, n_splits,
         G=G, GP=max(16, triton.next_power_of_2(G)), HD=hd, PAGE=page, TOK=tokens_per_chunk,
-        IEEE=q.dtype == torch.float32, **pdl, PRE=PREFETCH and pdl["PDL"] and hd * k_cache.element_size() == 256,
-        NX=nx, LINE=64)
+        IEEE=q.dtype == torch.float32, **pdl, PRE=PREFETCH and pdl["PDL"] and hd * k_cache.element_size() == 256)
     return out
