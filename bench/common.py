@@ -87,20 +87,35 @@ def hf_mixtral(cfg, impl: str, dtype=None, **extra):
     return model.to(dtype) if dtype is not None else model
 
 
+def row_at_context(real: torch.Tensor, context: int, block_size: int, n_meta: int = 4) -> torch.Tensor:
+    """A staged decode row [token, position, slot, context length, block table...] moved back to
+    the step that sees `context` tokens: position context - 1, the cache slot its block table gives
+    that position, that context length. The K/V of the positions before it are the request's own."""
+    if not 1 <= context <= int(real[3]):
+        raise ValueError(f"context {context} is not within the row's 1 ... {int(real[3])} tokens")
+    p = context - 1
+    row = real.clone()
+    row[1], row[2], row[3] = p, int(real[n_meta + p // block_size]) * block_size + p % block_size, context
+    return row
+
+
 @torch.inference_mode()
-def decode_graph_ms(runner, rows: int) -> float | None:
+def decode_graph_ms(runner, rows: int, context: int | None = None) -> float | None:
     """Median GPU milliseconds of one replay of the decode graph a step of `rows` requests uses
     (CUDA events around each replay), with `rows` real rows: copies of the last real row any of the
     runner's graphs ran (one request's context, so attention reads the same K/V for every row),
     each with a token of its own, so that rows route to experts as requests do (a padding row, K/V
-    slot 0, chooses no expert and reads no expert weights). None off the GPU, if no graph ran a
-    request, or if no graph serves that many rows."""
+    slot 0, chooses no expert and reads no expert weights). context: the row moved back to the
+    step that sees that many tokens (row_at_context; the roofline's mean context, say). None off
+    the GPU, if no graph ran a request, or if no graph serves that many rows."""
     sizes = [b for b in runner.graph_sizes if b >= rows and runner.graph_fits(b)]
     if not torch.cuda.is_available() or not sizes:
         return None
     real = next((buf["stage"][0] for _, buf in runner.graphs.values() if int(buf["stage"][0, 2]) != 0), None)
     if real is None:
         return None
+    if context is not None:
+        real = row_at_context(real, context, runner.block_size, runner._META)
     b = sizes[0]
     if b not in runner.graphs:
         runner.capture_graph(b)

@@ -367,3 +367,27 @@ def test_graph_path_equals_packed_path_for_many_requests():
     assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]
     assert [o.output_token_ids for o in out] == [greedy_reference(model, p, sp.max_tokens)
                                                  for p, sp in zip(prompts, params)]
+
+
+def test_bench_moves_a_staged_row_back_to_an_earlier_context():
+    """bench.common.row_at_context: the staged decode row of a request's last step, moved back to
+    the step that sees `context` tokens, equals the row the runner stages for that step (position,
+    cache slot from the block table, context length), for contexts across block boundaries."""
+    import numpy as np
+
+    from bench.common import row_at_context
+
+    eng = Engine(get_model(), None, EngineConfig(kv_budget="1MiB", block_size=BS, max_model_len=40))
+    rid = eng.add_request(list(range(1, 3 * BS)), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    req = eng.requests[rid]
+    eng.step()
+    r, meta, last_pos = eng.runner, eng.runner._META, 3 * BS - 2
+    width = meta + r.max_blocks
+    last = np.zeros((1, width), dtype=np.int32)
+    r.stage_rows(last, [(req, last_pos, 5)])
+    for context in (1, BS, BS + 1, 2 * BS + 3, last_pos + 1):
+        want = np.zeros((1, width), dtype=np.int32)
+        r.stage_rows(want, [(req, context - 1, 5)])
+        assert row_at_context(torch.from_numpy(last[0]), context, r.block_size, meta).tolist() == want[0].tolist()
+    with pytest.raises(ValueError, match=f"context {last_pos + 2}"):
+        row_at_context(torch.from_numpy(last[0]), last_pos + 2, r.block_size, meta)
