@@ -257,16 +257,21 @@ def test_rope_in_the_projection_gives_the_separate_kernels_bits(monkeypatch):
         assert torch.equal(a, b)
 
 
+def _three_rows_both_ways(monkeypatch, model, module, flag: str) -> list:
+    """(logits, cache) of a 3-row decode step on a random cache with module.flag on, then off."""
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(module, flag, on)
+        results.append(_step_on_a_random_cache(model, 4, [6, 11, 2], [3, 9, 1], [2 * BS + 2, 6 * BS + 3, 7 * BS + 2]))
+    return results
+
+
 def test_routing_in_the_output_projection_matches_its_own_kernel(monkeypatch):
     """A decode step of 3 rows with the routing at the end of the output projection and in a kernel
     of its own: the same logits (float32) and cache."""
     from moekit.infer import triton_route
 
-    model = _model(n_experts=6, top_k=2)
-    results = []
-    for in_wo in (True, False):
-        monkeypatch.setattr(triton_route, "ROUTE_IN_WO", in_wo)
-        results.append(_step_on_a_random_cache(model, 4, [6, 11, 2], [3, 9, 1], [2 * BS + 2, 6 * BS + 3, 7 * BS + 2]))
+    results = _three_rows_both_ways(monkeypatch, _model(n_experts=6, top_k=2), triton_route, "ROUTE_IN_WO")
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
@@ -277,11 +282,7 @@ def test_attention_in_the_output_projection_matches_the_two_kernels(monkeypatch)
     logits (float32) and cache."""
     from moekit.infer import triton_attn_wo
 
-    model = _model(n_kv_heads=2)
-    results = []
-    for on in (True, False):
-        monkeypatch.setattr(triton_attn_wo, "ATTN_IN_WO", on)
-        results.append(_step_on_a_random_cache(model, 4, [6, 11, 2], [3, 9, 1], [2 * BS + 2, 6 * BS + 3, 7 * BS + 2]))
+    results = _three_rows_both_ways(monkeypatch, _model(n_kv_heads=2), triton_attn_wo, "ATTN_IN_WO")
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

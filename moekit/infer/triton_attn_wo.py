@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.infer.triton_paged import _attend_chunk
+from moekit.infer.triton_paged import _attend_chunks
 from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, tile_counters
 
 ATTN_IN_WO = os.environ.get("MOEKIT_ATTN_IN_WO", "0") != "0"
@@ -37,17 +37,8 @@ def _attn_wo(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, w_ptr, out_ptr, part_ptr, se
     ctx = tl.load(lens_ptr + b)  # written before the step
     gdc(PDL)
     d = tl.arange(0, HD)
-    t = tl.arange(0, TOK)
-    g = tl.arange(0, GP)
-    gmask = g < G
-    heads = kvh * G + g
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, HD], tl.float32)
-    for c in range(0, tl.cdiv(ctx, TOK)):
-        m_i, l_i, acc = _attend_chunk(q, k_ptr, v_ptr, bt_ptr, b, kvh, c * TOK + t, ctx, stride_kb, stride_kt,
-                                      stride_kh, stride_btb, sm_scale, m_i, l_i, acc, HD, PAGE, IEEE)
+    m_i, l_i, acc = _attend_chunks(q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, ctx, 0, 1, stride_qb, stride_qh, stride_kb,
+                                   stride_kt, stride_kh, stride_btb, sm_scale, G, GP, HD, PAGE, TOK, IEEE)
     # the attention output as the separate kernel stores it (the cache's dtype); empty rows: zeros
     y = (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(q_ptr.dtype.element_ty)  # [GP, HD]
     n = pid_n * BN + tl.arange(0, BN)
@@ -60,7 +51,7 @@ def _attn_wo(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, w_ptr, out_ptr, part_ptr, se
             prod = tl.dot(y, tl.trans(w), input_precision="ieee")  # [GP, BN]: row h is head h's
         else:
             prod = tl.dot(y, tl.trans(w), out_dtype=tl.float32)
-        yn += tl.sum(tl.where((g == h)[:, None], prod, 0.0), 0)
+        yn += tl.sum(tl.where((tl.arange(0, GP) == h)[:, None], prod, 0.0), 0)
     nkv = tl.num_programs(2)
     tl.store(part_ptr + (kvh * B + b) * N + n, yn, mask=nmask)
     if last_to_arrive(sem_ptr, b * tl.num_programs(1) + pid_n, nkv):

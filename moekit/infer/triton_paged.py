@@ -60,6 +60,26 @@ def _attend_chunk(q, k_ptr, v_ptr, bt_ptr, b, kvh, tok, ctx, stride_kb, stride_k
 
 
 @triton.jit
+def _attend_chunks(q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, ctx, first, step, stride_qb, stride_qh, stride_kb, stride_kt,
+                   stride_kh, stride_btb, sm_scale, G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
+                   PAGE: tl.constexpr, TOK: tl.constexpr, IEEE: tl.constexpr):
+    """Row b's query heads of KV head kvh (G of them, padded to GP) over chunks first, first + step,
+    ... of its context: (running max, running sum, unnormalised output) of the online softmax."""
+    d = tl.arange(0, HD)
+    t = tl.arange(0, TOK)
+    g = tl.arange(0, GP)
+    heads = kvh * G + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, HD], tl.float32)
+    for c in range(first, tl.cdiv(ctx, TOK), step):
+        m_i, l_i, acc = _attend_chunk(q, k_ptr, v_ptr, bt_ptr, b, kvh, c * TOK + t, ctx, stride_kb, stride_kt,
+                                      stride_kh, stride_btb, sm_scale, m_i, l_i, acc, HD, PAGE, IEEE)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr, out_ptr, sem_ptr,
                         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb,
                         sm_scale, n_splits,
@@ -84,13 +104,8 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, ml_ptr, 
         g = tl.arange(0, GP)
         gmask = g < G
         heads = kvh * G + g
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, HD], tl.float32)
-        for c in range(split, chunks, n_splits):
-            m_i, l_i, acc = _attend_chunk(q, k_ptr, v_ptr, bt_ptr, b, kvh, c * TOK + t, ctx, stride_kb, stride_kt,
-                                          stride_kh, stride_btb, sm_scale, m_i, l_i, acc, HD, PAGE, IEEE)
+        m_i, l_i, acc = _attend_chunks(q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, ctx, split, n_splits, stride_qb, stride_qh,
+                                       stride_kb, stride_kt, stride_kh, stride_btb, sm_scale, G, GP, HD, PAGE, TOK, IEEE)
         # partials: acc [B, H, S, HD] (unnormalised), ml [B, H, S, 2] = (max, sum)
         row = (b * (tl.num_programs(1) * G) + heads) * n_splits + split
         if split < live:
