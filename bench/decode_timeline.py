@@ -6,6 +6,11 @@ time is what it adds to the step.
 
     python bench/decode_timeline.py                        # bench-decode preset, as bench/decode.py
     MOEKIT_ROUTE_IN_WO=1 python bench/decode_timeline.py --tag route-in-wo
+
+--engine-tokens N also profiles the engine decoding N tokens (one step ahead, as bench/decode.py
+times it) and splits each step into the graph's span and what the GPU does between two graphs:
+each copy and kernel outside the graph, and idle time, with how long after its launch call each
+graph started (a GPU that waits for the host starts a graph right after the launch).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -81,12 +87,75 @@ def marginal_by_kernel(events: list[tuple[str, float, float]], per_step: int) ->
                 "duration_us": v["duration_us"] / steps} for k, v in out.items()}
 
 
+def engine_gaps(trace: dict) -> dict:
+    """Between consecutive decode graphs of a profiled engine run: the graph's span, the GPU work
+    outside graphs (kernels, copies, by name) and the idle rest, and the delay from each
+    cudaGraphLaunch call to its first kernel; means per step, in us."""
+    launches = {e["args"]["correlation"]: float(e["ts"]) for e in trace["traceEvents"]
+                if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"}
+    graphs: dict[int, list[float]] = {}
+    other = []
+    for e in trace["traceEvents"]:
+        if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset") or "dur" not in e:
+            continue
+        start, end, corr = float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("args", {}).get("correlation")
+        if corr in launches:
+            span = graphs.setdefault(corr, [start, end])
+            span[0], span[1] = min(span[0], start), max(span[1], end)
+        else:
+            other.append((e["name"].split("(")[0].split("<")[0].strip()[:50], start, end))
+    spans = sorted((s, t, launches[c]) for c, (s, t) in graphs.items())
+    if len(spans) < 2:
+        return {"graphs": len(spans)}
+    n = len(spans) - 1
+    by_op: dict[str, float] = defaultdict(float)
+    gap = busy = lag = 0.0
+    for (s0, t0, _), (s1, _, launch1) in zip(spans, spans[1:]):
+        gap += s1 - t0
+        lag += s1 - launch1
+        for name, s, t in other:
+            if s >= t0 and t <= s1:
+                by_op[name] += t - s
+                busy += t - s
+    return {"graphs": len(spans), "graph_span_us": sum(t - s for s, t, _ in spans) / len(spans),
+            "between_graphs_us": gap / n, "outside_graph_ops_us": {k: v / n for k, v in by_op.items()},
+            "idle_between_graphs_us": (gap - busy) / n, "launch_to_graph_start_us": lag / n,
+            "step_us": (spans[-1][0] - spans[0][0]) / n}
+
+
+def engine_profile(engine: Engine, prompt: list[int], tokens: int) -> dict:
+    """The engine's timed greedy decode (unprofiled, tok/s) and the same under the profiler
+    (engine_gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def decode():
+        engine.add_request(prompt, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+        engine.step()  # prefill + first token
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        n = 0
+        while engine.has_unfinished():
+            n += len(engine.step())
+        torch.cuda.synchronize()
+        return n / (time.perf_counter() - t)
+
+    tok_s = decode()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        profiled_tok_s = decode()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        trace = json.load(open(path))
+    return {"tok_s": tok_s, "step_ms": 1e3 / tok_s, "profiled_tok_s": profiled_tok_s, **engine_gaps(trace)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="bench-decode")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--replays", type=int, default=10)
     ap.add_argument("--tag", default="default", help="names this run's flags in the result file")
+    ap.add_argument("--engine-tokens", type=int, default=0, help="also profile the engine decoding this many tokens")
     args = ap.parse_args()
 
     cfg = preset(args.preset)
@@ -123,11 +192,23 @@ def main():
                "graph_replay_ms": step_ms, "graph_replay_ms_profiled": cuda_time_ms(graph.replay, warmup=3, iters=20),
                "kernels_per_step": per_step, "marginal_us_per_step": total, "by_kernel": table,
                "autotune": tuned_timings()}
+    if args.engine_tokens:
+        mean_ctx = args.prompt_len + args.engine_tokens // 2
+        payload["engine"] = gaps = engine_profile(engine, prompt, args.engine_tokens)
+        gaps["graph_replay_ms_at_mean_context"] = decode_graph_ms(engine.runner, 1, context=mean_ctx)
     print(f"{args.tag}: graph replay {step_ms:.3f} ms; {per_step} kernels per step; weights at copy bandwidth "
           f"{ideal_us:.0f} us")
     for k, v in sorted(table.items(), key=lambda kv: -kv[1]["marginal_us"]):
         print(f"  {k:40s} x{v['calls']:5.1f}  marginal {v['marginal_us']:8.1f} us  "
               f"({v['marginal_us'] / max(v['calls'], 1):6.2f} each)  own duration {v['duration_us']:8.1f} us")
+    if args.engine_tokens:
+        print(f"engine, {args.engine_tokens} tokens: {gaps['step_ms']:.3f} ms per step; graph alone at the mean "
+              f"context {gaps['graph_replay_ms_at_mean_context']:.3f} ms; profiled: graph span "
+              f"{gaps.get('graph_span_us', 0):.1f} us, between graphs {gaps.get('between_graphs_us', 0):.1f} us "
+              f"(idle {gaps.get('idle_between_graphs_us', 0):.1f}), launch to start "
+              f"{gaps.get('launch_to_graph_start_us', 0):.1f} us")
+        for k, v in sorted(gaps.get("outside_graph_ops_us", {}).items(), key=lambda kv: -kv[1]):
+            print(f"  outside the graph: {k:50s} {v:6.2f} us per step")
     out = write_result(f"decode_timeline_{gpu_tag()}_{args.tag}", payload)
     print(f"  sum of marginals {total:.1f} us; wrote {out}")
 

@@ -65,3 +65,28 @@ def test_draft_with_longer_lookup_steps_bench_runs(run, tmp_path):
     rows = _bench(run, tmp_path, str(run), k=2, extra=("--with-lookup", "--prompt-lookup-tokens", "5",
                                                        "--prompt-lookup-min", "1"))
     assert all(0 < row["lookup_steps"] < row["speculative_steps"] for row in rows), rows
+
+
+def test_engine_gaps_splits_the_time_between_graphs():
+    """bench/decode_timeline.engine_gaps on a hand-built trace: two graphs (kernels tied to their
+    cudaGraphLaunch by correlation id), a copy and a kernel between them; the spans, the ops and
+    the idle rest are sums of the events' own times."""
+    from bench.decode_timeline import engine_gaps
+
+    def ev(cat, name, ts, dur=None, corr=None):
+        e = {"cat": cat, "name": name, "ts": ts, "args": {"correlation": corr}}
+        return e if dur is None else {**e, "dur": dur}
+
+    trace = {"traceEvents": [
+        ev("cuda_runtime", "cudaGraphLaunch", 0.0, 5.0, corr=1), ev("cuda_runtime", "cudaGraphLaunch", 90.0, 5.0, corr=2),
+        ev("kernel", "embed", 10.0, 20.0, corr=1), ev("kernel", "lm_head", 30.0, 50.0, corr=1),  # graph 1: 10 ... 80
+        ev("kernel", "argmax_kernel<float>(x)", 83.0, 4.0, corr=7), ev("gpu_memcpy", "Memcpy DtoH", 88.0, 2.0, corr=8),
+        ev("kernel", "embed", 100.0, 10.0, corr=2), ev("kernel", "lm_head", 110.0, 70.0, corr=2),  # graph 2: 100 ... 180
+    ]}
+    out = engine_gaps(trace)
+    assert out["graphs"] == 2
+    assert out["graph_span_us"] == 75.0  # (70 + 80) / 2
+    assert out["between_graphs_us"] == 20.0
+    assert out["outside_graph_ops_us"] == {"argmax_kernel": 4.0, "Memcpy DtoH": 2.0}
+    assert out["idle_between_graphs_us"] == 14.0
+    assert out["launch_to_graph_start_us"] == 10.0 and out["step_us"] == 90.0

@@ -243,6 +243,63 @@ def test_a_step_from_staged_rows_is_the_step_from_unpacked_ones():
         assert torch.equal(a, b)
 
 
+def test_staged_tokens_from_the_step_before():
+    """A staged token -1 - j is row j of the previous step's greedy tokens (the decode graphs feed
+    a step's argmax to the next step on the device): the same logits as staging the tokens."""
+    model = _model()
+    kv = PagedKVCache(model.cfg, num_blocks=12, block_size=BS, device="cpu", dtype=torch.float32)
+    tables = torch.arange(1, 10, dtype=torch.int32).view(3, 3)
+    prev = torch.tensor([40, 7, 63, 0], dtype=torch.int32)
+    meta = torch.tensor([[0, 5, 1 * BS + 1, 6], [0, 2, 4 * BS + 2, 3], [0, 9, 9 * BS + 1, 10]], dtype=torch.int32)
+    fused = FusedDecoder(model, kv.k, kv.v)
+    outs = []
+    for toks in ([-3, 11, -1], [63, 11, 40]):  # rows 2 and 0 of the step before, and a literal token
+        stage = torch.cat([meta, tables], 1)
+        stage[:, 0] = torch.tensor(toks)
+        outs.append(fused.from_stage(stage, prev=prev))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("V,block", [(1000, 128), (96, 32), (80, 128)])
+def test_argmax_kernel_is_torch_argmax(V, block):
+    """The decode graphs' greedy tokens (triton_argmax, the vocabulary split over programs) against
+    torch.argmax: ties across blocks (the first index wins), a row of -inf, a NaN (counts as largest)."""
+    from moekit.infer.triton_argmax import _argmax_rows
+
+    x = torch.randn(5, V, generator=torch.Generator().manual_seed(V))
+    x[2, 10] = x[2, V - 3] = 100.0
+    x[3] = float("-inf")
+    x[4, 7] = float("nan")
+    S = -(-V // block)
+    sp = 1 << (S - 1).bit_length()
+    out, sem = torch.full((8,), -7, dtype=torch.int32), torch.zeros(5, dtype=torch.int32)
+    _argmax_rows[(5, S)](x, x.stride(0), out, torch.empty(5, sp), torch.empty(5, sp, dtype=torch.int32), sem, V,
+                         BV=block, SP=sp, PDL=False)
+    assert out[:5].tolist() == x.argmax(-1).tolist() and out[5:].eq(-7).all()
+    assert sem.eq(0).all()  # the counters are left at zero for the next launch
+
+
+def test_lookahead_on_the_fused_step():
+    """Greedy decoding one step ahead on the fused step (eager stand-ins for CUDA graphs, the
+    kernels in the interpreter): each graph takes its tokens from the argmax the graph before
+    wrote on the device, rows move as requests finish, and the output equals reading every step."""
+    from moekit.infer.engine import Engine, EngineConfig
+    from moekit.infer.sampling import SamplingParams
+
+    model = _model()
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 80, (n,), generator=g).tolist() for n in (3, 9, 5)]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (6, 3, 9)]
+    outs = []
+    for lookahead in (False, True):
+        eng = Engine(model, None, EngineConfig(kv_budget="1MiB", block_size=BS, max_num_seqs=3, lookahead=lookahead))
+        eng.runner.graph_sizes = [1, 2, 4]  # as on a GPU
+        eng.runner.fused = FusedDecoder(model, eng.kv.k, eng.kv.v)
+        outs.append([o.output_token_ids for o in eng.generate(prompts, params)])
+    assert outs[0] == outs[1] and [len(o) for o in outs[1]] == [6, 3, 9]
+    assert eng.lookahead_steps > 0
+
+
 def test_rope_in_the_projection_gives_the_separate_kernels_bits(monkeypatch):
     """A decode step with the rotary embedding in the QKV projection and with its own kernel:
     the same logits and cache, bit for bit (float32)."""

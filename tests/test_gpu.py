@@ -287,3 +287,19 @@ def test_on_policy_distillation_with_a_pool_on_the_gpu(tmp_path):
     acc = [r["spec/draft_acceptance"] for r in recs if "spec/draft_acceptance" in r]
     assert len(acc) == 3 and all(0 <= a <= 1 for a in acc)
     assert all(r["loss"] == r["loss"] for r in recs if "loss" in r)  # finite: no NaN
+
+
+@pytest.mark.parametrize("B,V", [(1, 32000), (5, 96), (3, 50257)])
+def test_greedy_tokens_in_the_graph_are_torch_argmax(B, V):
+    """The decode graphs' argmax kernel against torch.argmax, ties (the first index wins) and a
+    row of -inf included."""
+    from moekit.infer.triton_argmax import argmax_into
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, V, device="cuda", generator=g)
+    x[0, V // 3] = x[0, V - 1] = 50.0
+    if B > 2:
+        x[2] = float("-inf")
+    out = torch.full((8,), -7, device="cuda", dtype=torch.int32)
+    assert argmax_into(x, out).tolist() == x.argmax(-1).tolist()
+    assert out[B:].eq(-7).all()

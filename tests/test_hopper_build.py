@@ -68,6 +68,10 @@ BUILDS = {
                 dict(G=4, GP=16, HD=128, PAGE=16, TOK=64, BN=64, IEEE=False, PDL=True), 8, 3),
     "route": ("triton_route._route", ROUTE, dict(EP=8, BK=2048, TOPK=2, RENORM=True, PDL=True), 8, 3),
     "paged": ("triton_paged._paged_decode_split", PAGED, dict(G=4, GP=16, HD=128, PAGE=16, TOK=64, IEEE=False, PDL=True), 4, 3),
+    "argmax": ("triton_argmax._argmax_rows", {"x_ptr": "*fp32", "stride_x": "i32", **_ptr("out_ptr part_i_ptr sem_ptr", "*i32"),
+                                               "part_v_ptr": "*fp32", "V": "i32"}, dict(BV=1024, SP=32, PDL=True), 4, 3),
+    "embed_prev": ("_embed_stage", {**_ptr("stage_ptr prev_ptr", "*i32"), "stride_s": "i32", "w_ptr": "*bf16",
+                                    "x_ptr": "*fp32", "D": "i32"}, dict(BD=1024, PREV=True), 4, 3),
 }
 MARKS = ("prefetch.global.L2", "evict_first", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "atom")
 
@@ -156,6 +160,14 @@ def test_inputs_no_kernel_writes_are_loaded_before_the_wait(built, name):
 def test_attention_in_the_output_projection_builds(built):
     m = _marks(built, "attn_wo")
     assert m["griddepcontrol.wait"] and m["atom"]  # PDL; the count of finished KV-head shares
+
+
+def test_greedy_tokens_and_their_lookup_build(built):
+    """The decode graphs' argmax (after the LM head, PDL) and the embedding of tokens taken from
+    the step before."""
+    m = _marks(built, "argmax")
+    assert m["griddepcontrol.wait"] and m["atom"]  # PDL; the count of the row's finished blocks
+    _marks(built, "embed_prev")
 
 
 def test_a_projection_without_rotary_or_preload_loads_nothing_before_the_wait(built):

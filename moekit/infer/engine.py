@@ -26,10 +26,9 @@ from moekit.model.transformer import Transformer
 
 @dataclass
 class _Ahead:
-    """A decode step launched but not yet read: its requests, their argmax tokens on the device and
-    a pinned copy of them on its way to the host."""
+    """A decode step launched but not yet read: its requests (row i of the decode graph: the
+    runner's greedy_tokens[i]) and a pinned copy of their tokens on its way to the host."""
     reqs: list[Request]
-    tokens: torch.Tensor
     host: torch.Tensor
     copied: object  # CUDA event after the copy (None off the GPU)
 
@@ -309,7 +308,7 @@ class Engine:
         if not to_sample:
             return []
         if len(to_sample) == len(batch.items) and self._lookahead_ok(batch):
-            self._ahead = self._read_later(to_sample, logits.argmax(-1))  # read by the next step
+            self._ahead = self._read_later(to_sample)  # read by the next step
             return []
         res = self.sampler(logits, [r.params for r in to_sample], [r.extra["generator"] for r in to_sample],
                            [r.output_ids for r in to_sample])
@@ -328,7 +327,9 @@ class Engine:
                 and all(n == 1 for _, n in batch.items) and self.runner.graph_fits(len(reqs))
                 and all(_plain_greedy(r.params) for r in reqs))
 
-    def _read_later(self, reqs: list[Request], tokens: torch.Tensor) -> _Ahead:
+    def _read_later(self, reqs: list[Request]) -> _Ahead:
+        """The greedy tokens of the decode graph just launched, on their way to the host."""
+        tokens = self.runner.greedy_tokens[:len(reqs)]
         cuda = tokens.is_cuda
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
         host.copy_(tokens, non_blocking=cuda)
@@ -336,7 +337,7 @@ class Engine:
         if cuda:
             copied = torch.cuda.Event()
             copied.record()
-        return _Ahead(reqs, tokens, host, copied)
+        return _Ahead(reqs, host, copied)
 
     def _step_ahead(self) -> list[RequestOutput]:
         ahead, self._ahead = self._ahead, None
@@ -349,11 +350,10 @@ class Engine:
                 and self.runner.graph_fits(len(reqs)) and not self._may_speculate(len(reqs))):
             for r, n in zip(reqs, need):
                 r.blocks += self.kv.allocator.allocate(n)
-            tokens = ahead.tokens if len(go) == len(ahead.reqs) else ahead.tokens[self.runner.to_device(go)]
-            logits = self.runner.decode_rows([(r, r.num_computed, None) for r in reqs], tokens=tokens)
+            self.runner.decode_rows([(r, r.num_computed, None) for r in reqs], prev_rows=go)
             for r in reqs:
                 r.num_computed += 1
-            self._ahead = self._read_later(reqs, logits.argmax(-1))
+            self._ahead = self._read_later(reqs)
             self.lookahead_steps += 1
         if ahead.copied is not None:
             ahead.copied.synchronize()

@@ -281,12 +281,16 @@ def norm_linear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None,
 
 # -- the decode step -------------------------------------------------------------------------------
 @triton.jit
-def _embed_stage(stage_ptr, stride_s, w_ptr, x_ptr, D, BD: tl.constexpr):
+def _embed_stage(stage_ptr, stride_s, prev_ptr, w_ptr, x_ptr, D, BD: tl.constexpr, PREV: tl.constexpr):
     """Program (row b, block of BD columns): x[b] = the embedding of the row's token (stage[b, 0])
-    in float32 (a lookup and a cast in one launch)."""
+    in float32 (a lookup and a cast in one launch). PREV: a token -1 - j is the greedy token of
+    row j of the step before (prev[j])."""
     b = tl.program_id(0)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    tok = tl.load(stage_ptr + b * stride_s).to(tl.int64)
+    tok = tl.load(stage_ptr + b * stride_s)
+    if PREV:
+        tok = tl.where(tok < 0, tl.load(prev_ptr + tl.maximum(-1 - tok, 0)), tok)
+    tok = tok.to(tl.int64)
     tl.store(x_ptr + b * D + cols, tl.load(w_ptr + tok * D + cols, mask=cols < D, other=0.0).to(tl.float32),
              mask=cols < D)
 
@@ -372,17 +376,19 @@ class FusedDecoder:
         n = min(head.numel(), self.wqkv[0].numel() + m.blocks[0].attn.wo.weight.numel())
         return head[:n // 2], head[n // 2:n]
 
-    def from_stage(self, stage: torch.Tensor, n_meta: int = 4) -> torch.Tensor:
+    def from_stage(self, stage: torch.Tensor, n_meta: int = 4, prev: torch.Tensor | None = None) -> torch.Tensor:
         """The step of a graph's staged rows [token, position, slot, context length, block table...]
         (int32, one row per request): the first n_meta columns unpacked (one copy), the tokens'
         embeddings looked up in float32 (one kernel, reading the tokens from the stage), then
         __call__. The unpacked positions and slots are two kernels old when the first projection
-        reads them before its wait (programmatic dependent launch)."""
+        reads them before its wait (programmatic dependent launch). prev: int32 tokens on the
+        device that a staged token -1 - j stands for (prev[j]: the previous step's greedy tokens)."""
         B, d = stage.shape[0], self.cfg.d_model
         meta = stage[:, :n_meta].t().contiguous()
         x = torch.empty(B, d, device=stage.device, dtype=torch.float32)
         bd = min(1024, triton.next_power_of_2(d))
-        _embed_stage[(B, triton.cdiv(d, bd))](stage, stage.stride(0), self.model.embed.weight, x, d, BD=bd)
+        _embed_stage[(B, triton.cdiv(d, bd))](stage, stage.stride(0), stage if prev is None else prev,
+                                               self.model.embed.weight, x, d, BD=bd, PREV=prev is not None)
         return self(meta[0], meta[1], meta[2], stage[:, n_meta:], meta[3], x=x)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,

@@ -36,6 +36,10 @@ class ModelRunner:
         self._stage_events: list = [None] * _STAGES
         self._stage_i = 0
         self.pool = None
+        # the decode graphs' greedy tokens (each row's argmax, int32), written inside the graph: the
+        # next step's graph takes its tokens from here (decode_rows(prev_rows=...)) and a greedy
+        # caller copies them to the host with no reduction launched between two steps
+        self.greedy_tokens: torch.Tensor | None = None
         # the decode graphs replay a compiled forward: fusing the many small elementwise kernels of
         # a decode step (norms, rotary, routing) is what brings it near the bandwidth limit
         # (static shapes: one compilation per captured batch size, captured on first use)
@@ -125,24 +129,39 @@ class ModelRunner:
         stage[:, 3] = 1  # padding rows: token 0 at position 0 into the scratch block 0, one position
         return {"stage": stage}
 
-    def _run_static(self, buf: dict, fused_max: int = FUSED_MAX_BATCH) -> torch.Tensor:
+    def _run_static(self, buf: dict, fused_max: int = FUSED_MAX_BATCH, greedy: bool = False) -> torch.Tensor:
+        """The step of the staged rows in buf["stage"]: logits [b, vocab]. greedy (the decode
+        graphs): a staged token -1 - j is row j's greedy token of the step before, and the rows'
+        greedy tokens are written to self.greedy_tokens."""
         stage = buf["stage"]
         b = stage.shape[0]
         tables = stage[:, self._META:]  # rows strided
+        prev = self.greedy_tokens if greedy else None
         if self.fused is not None and b <= fused_max:  # int32 token, position, slot, length: one copy
-            return self.fused.from_stage(stage, self._META)
-        ids, pos, slots = stage[:, :3].t().long().contiguous()
-        lens = stage[:, 3].contiguous()
-        meta = AttentionMetadata(slot_mapping=slots, num_decode=b, block_tables=tables, context_lens=lens,
-                                 prefills=[], max_context=self.max_blocks * self.block_size)
-        return self.decode_forward(ids[None], caches=self._layers(meta), positions=pos[None]).logits[0]
+            logits = self.fused.from_stage(stage, self._META, prev=prev)
+        else:
+            ids, pos, slots = stage[:, :3].t().long().contiguous()
+            if prev is not None:
+                ids = torch.where(ids < 0, prev.long()[(-1 - ids).clamp(min=0)], ids)
+            lens = stage[:, 3].contiguous()
+            meta = AttentionMetadata(slot_mapping=slots, num_decode=b, block_tables=tables, context_lens=lens,
+                                     prefills=[], max_context=self.max_blocks * self.block_size)
+            logits = self.decode_forward(ids[None], caches=self._layers(meta), positions=pos[None]).logits[0]
+        if prev is not None:
+            from moekit.infer.triton_argmax import argmax_into  # here: Triton kernels are defined on first use
+
+            argmax_into(logits, prev)
+        return logits
 
     @torch.inference_mode()
     def capture_graph(self, b: int, fused_max: int = FUSED_MAX_BATCH) -> None:
         """Capture the decode step for batch size b (on first use; all sizes share one memory
         pool); with fused_max = FUSED_MAX_VERIFY a verification graph (self.verify_graphs)."""
         buf = self._graph_inputs(b)
-        g = self.capture(lambda: buf.__setitem__("logits", self._run_static(buf, fused_max)), self.pool)
+        greedy = fused_max == FUSED_MAX_BATCH
+        if greedy and self.greedy_tokens is None:  # outside the graph's pool: every decode graph shares it
+            self.greedy_tokens = torch.zeros(self.graph_sizes[-1], dtype=torch.int32, device=self.device)
+        g = self.capture(lambda: buf.__setitem__("logits", self._run_static(buf, fused_max, greedy)), self.pool)
         self.pool = getattr(g, "pool", lambda: None)()
         (self.graphs if fused_max == FUSED_MAX_BATCH else self.verify_graphs)[b] = (g, buf)
 
@@ -230,14 +249,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode_rows(self, rows: list[tuple[Request, int, int | None]], tokens: torch.Tensor | None = None,
-                    verify: bool = False) -> torch.Tensor:
+                    verify: bool = False, prev_rows: list[int] | None = None) -> torch.Tensor:
         """One token per row: (request, position, token id); several rows of one request at
         consecutive positions see each other causally (every row's K/V is stored before any row
         attends). tokens: [len(rows)] token ids on the device, used instead of the rows' ids (they
         are then None), so a caller can feed back tokens it has not read. Returns logits
         [len(rows), vocab]: a replayed CUDA graph where one fits, else the packed forward. verify:
-        speculative verification rows, kept on the fused step up to FUSED_MAX_VERIFY rows."""
+        speculative verification rows, kept on the fused step up to FUSED_MAX_VERIFY rows.
+        prev_rows: for each row, the row of the last decode graph whose greedy token it takes
+        (self.greedy_tokens; the rows' ids are then None): a decode graph reads it there itself."""
         n = len(rows)
+        if prev_rows is not None and (verify or not self.graph_fits(n)):
+            tokens, prev_rows = self.greedy_tokens[self.to_device(prev_rows)], None
         if verify and self.verify_graph_fits(n):
             if n not in self.verify_graphs:
                 self.capture_graph(n, FUSED_MAX_VERIFY)
@@ -257,15 +280,18 @@ class ModelRunner:
         if b not in self.graphs:
             self.capture_graph(b)
         g, buf = self.graphs[b]
-        return self._replay(g, buf, rows, tokens)
+        return self._replay(g, buf, rows, tokens, prev_rows)
 
-    def _replay(self, g, buf: dict, rows: list, tokens: torch.Tensor | None) -> torch.Tensor:
+    def _replay(self, g, buf: dict, rows: list, tokens: torch.Tensor | None,
+                prev_rows: list[int] | None = None) -> torch.Tensor:
         """Stage rows (and tokens) into the graph's inputs, padding the rest, and replay it."""
         n, b = len(rows), buf["stage"].shape[0]
         host = self._host_stage(b)
         h = host.numpy()
         self.stage_rows(h, rows)
         h[n:, :5] = (0, 0, 0, 1, 0)  # padding rows: position 0 of the scratch block 0
+        if prev_rows is not None:  # the graph looks these up in self.greedy_tokens
+            h[:n, 0] = [-1 - j for j in prev_rows]
         stage = buf["stage"]
         stage.copy_(host, non_blocking=True)
         if tokens is not None:
