@@ -123,6 +123,36 @@ def engine_gaps(trace: dict) -> dict:
             "step_us": (spans[-1][0] - spans[0][0]) / n}
 
 
+@torch.inference_mode()
+def queued_replays(runner, reps: int = 100) -> dict:
+    """Milliseconds per step of the batch-1 decode graph queued back to back (CUDA events around
+    all reps), alone and with the engine's copies between graphs: the staged row to the device
+    (from pinned memory), the greedy token to the host, both."""
+    graph, buf = runner.graphs[1]
+    stage = buf["stage"]
+    host_stage = stage.cpu().pin_memory()
+    host_tok = torch.empty(1, dtype=torch.int32, pin_memory=True)
+    tok = runner.greedy_tokens[0, :1]
+    steps = {"graph": lambda: graph.replay(),
+             "h2d+graph": lambda: (stage.copy_(host_stage, non_blocking=True), graph.replay()),
+             "graph+d2h": lambda: (graph.replay(), host_tok.copy_(tok, non_blocking=True)),
+             "h2d+graph+d2h": lambda: (stage.copy_(host_stage, non_blocking=True), graph.replay(),
+                                       host_tok.copy_(tok, non_blocking=True))}
+    out = {}
+    for name, fn in steps.items():
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(reps):
+            fn()
+        t1.record()
+        t1.synchronize()
+        out[name] = t0.elapsed_time(t1) / reps
+    return out
+
+
 def engine_profile(engine: Engine, prompt: list[int], tokens: int) -> dict:
     """The engine's timed greedy decode (unprofiled, tok/s) and the same under the profiler
     (engine_gaps)."""
@@ -196,6 +226,7 @@ def main():
         mean_ctx = args.prompt_len + args.engine_tokens // 2
         payload["engine"] = gaps = engine_profile(engine, prompt, args.engine_tokens)
         gaps["graph_replay_ms_at_mean_context"] = decode_graph_ms(engine.runner, 1, context=mean_ctx)
+        gaps["queued_step_ms"] = queued_replays(engine.runner)
     print(f"{args.tag}: graph replay {step_ms:.3f} ms; {per_step} kernels per step; weights at copy bandwidth "
           f"{ideal_us:.0f} us")
     for k, v in sorted(table.items(), key=lambda kv: -kv[1]["marginal_us"]):
@@ -207,6 +238,7 @@ def main():
               f"{gaps.get('graph_span_us', 0):.1f} us, between graphs {gaps.get('between_graphs_us', 0):.1f} us "
               f"(idle {gaps.get('idle_between_graphs_us', 0):.1f}), launch to start "
               f"{gaps.get('launch_to_graph_start_us', 0):.1f} us")
+        print("  queued back to back, ms per step: " + ", ".join(f"{k} {v:.4f}" for k, v in gaps["queued_step_ms"].items()))
         for k, v in sorted(gaps.get("outside_graph_ops_us", {}).items(), key=lambda kv: -kv[1]):
             print(f"  outside the graph: {k:50s} {v:6.2f} us per step")
     out = write_result(f"decode_timeline_{gpu_tag()}_{args.tag}", payload)

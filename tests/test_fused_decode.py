@@ -279,27 +279,38 @@ def test_argmax_kernel_is_torch_argmax(V, block):
     assert sem.eq(0).all()  # the counters are left at zero for the next launch
 
 
-def test_lookahead_on_the_fused_step():
-    """Greedy decoding one step ahead on the fused step (eager stand-ins for CUDA graphs, the
-    kernels in the interpreter): each graph takes its tokens from the argmax the graph before
-    wrote on the device, rows move as requests finish, and the output equals reading every step."""
+@pytest.mark.parametrize("steps", [1, 3])
+def test_lookahead_on_the_fused_step(steps):
+    """Greedy decoding ahead on the fused step (eager stand-ins for CUDA graphs, the kernels in the
+    interpreter): each graph takes its tokens from the argmax the graph before wrote on the device,
+    `steps` steps to a graph where every request has room for them, rows move as requests finish
+    (by length, or on a stop token in the middle of a graph's steps), and the output equals reading
+    every step."""
     from moekit.infer.engine import Engine, EngineConfig
     from moekit.infer.sampling import SamplingParams
 
     model = _model()
     g = torch.Generator().manual_seed(6)
-    prompts = [torch.randint(0, 80, (n,), generator=g).tolist() for n in (3, 9, 5)]
-    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (6, 3, 9)]
-    outs = []
-    for lookahead in (False, True):
-        eng = Engine(model, None, EngineConfig(kv_budget="1MiB", block_size=BS, max_num_seqs=3, lookahead=lookahead))
+    prompts = [torch.randint(0, 80, (n,), generator=g).tolist() for n in (3, 9, 5, 4)]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (6, 3, 13, 12)]
+
+    def run(lookahead: bool, params) -> list:
+        eng = Engine(model, None, EngineConfig(kv_budget="1MiB", block_size=BS, max_num_seqs=4, lookahead=lookahead,
+                                               decode_steps=steps))
         eng.runner.graph_sizes = [1, 2, 4]  # as on a GPU
         eng.runner.fused = FusedDecoder(model, eng.kv.k, eng.kv.v)
-        outs.append([o.output_token_ids for o in eng.generate(prompts, params)])
-    assert outs[0] == outs[1] and [len(o) for o in outs[1]] == [6, 3, 9]
+        out = eng.generate(prompts, params)
+        assert eng.kv.allocator.num_free == eng.kv.allocator.num_blocks - 1  # every block back (but the scratch one)
+        return eng, [(o.output_token_ids, o.finish_reason) for o in out]
+
+    ref = run(False, params)[1]
+    stop = ref[3][0][7]  # the last request stops on the 8th token it reaches
+    params[3] = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop])
+    ref = run(False, params)[1]
+    eng, out = run(True, params)
+    assert out == ref and [len(o) for o, _ in out[:3]] == [6, 3, 13] and out[3][1] == "stop"
     assert eng.lookahead_steps > 0
-
-
+    assert (len(eng.runner.multi_graphs) > 0) == (steps > 1)
 def test_rope_in_the_projection_gives_the_separate_kernels_bits(monkeypatch):
     """A decode step with the rotary embedding in the QKV projection and with its own kernel:
     the same logits and cache, bit for bit (float32)."""

@@ -303,3 +303,16 @@ def test_greedy_tokens_in_the_graph_are_torch_argmax(B, V):
     out = torch.full((8,), -7, device="cuda", dtype=torch.int32)
     assert argmax_into(x, out).tolist() == x.argmax(-1).tolist()
     assert out[B:].eq(-7).all()
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_chained_decode_steps_match_reading_every_step(steps):
+    """Greedy decoding ahead on the GPU, `steps` fused steps to a graph (their tokens fed from one
+    step to the next on the device), requests of different lengths finishing at different steps:
+    the tokens of reading every step, float32."""
+    model = _model()
+    prompts = _prompts(6)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (30, 7, 19, 4, 25, 13)]
+    ref = _run(model, prompts, params, cuda_graphs=True, max_num_seqs=4, lookahead=False)
+    assert _run(model, prompts, params, cuda_graphs=True, max_num_seqs=4, decode_steps=steps) == ref
+    assert _run(model, prompts[:1], params[:1], cuda_graphs=True, decode_steps=steps) == ref[:1]

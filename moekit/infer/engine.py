@@ -26,8 +26,9 @@ from moekit.model.transformer import Transformer
 
 @dataclass
 class _Ahead:
-    """A decode step launched but not yet read: its requests (row i of the decode graph: the
-    runner's greedy_tokens[i]) and a pinned copy of their tokens on its way to the host."""
+    """Decode steps launched but not yet read: their requests (row i of the decode graph) and a
+    pinned copy of their tokens on its way to the host ([steps, rows]: the runner's
+    greedy_tokens, step j's in row (j + 1) % steps)."""
     reqs: list[Request]
     host: torch.Tensor
     copied: object  # CUDA event after the copy (None off the GPU)
@@ -90,17 +91,23 @@ class EngineConfig:
     fused_decode: bool = True  # small decode batches through the fused Triton step (GPU, CUDA graphs)
     compile: bool = False  # torch.compile the decode step in the CUDA graphs (GPU; measured slower on H100 so far)
     lookahead: bool = True  # greedy graph decoding launches each step before reading the last one's tokens
+    decode_steps: int = 4  # ... and chains this many steps in one graph where the fused step serves the batch
+    # (GPU: the time between two graphs is paid once for them; tokens then come this many at a time)
     prefix_caching: bool = False  # keep full blocks' K/V for later requests with the same prefix (kv_cache)
     tune_decode: bool = False  # warmup() first refines the fused decode kernels' tiles inside the batch-1
     # decode graph (Engine.tune_decode: GPU, a minute or so; process-wide, as the autotuner's choice)
     seed: int = 0
 
     def validate(self) -> "EngineConfig":
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len < 0:
             raise ConfigError(f"max_model_len must be >= 0, got {self.max_model_len}")
+        from moekit.infer.runner import MAX_DECODE_STEPS
+
+        if self.decode_steps > MAX_DECODE_STEPS:
+            raise ConfigError(f"decode_steps must be <= {MAX_DECODE_STEPS}, got {self.decode_steps}")
         if self.prompt_lookup_tokens < 0:
             raise ConfigError(f"prompt_lookup_tokens must be >= 0 (0: num_speculative_tokens), got "
                               f"{self.prompt_lookup_tokens}")
@@ -145,7 +152,8 @@ class Engine:
             self._tiles_loaded = graph_tune.load_tiles(graph_tune.tiles_path(), graph_tune.machine_key(),
                                                        only=lambda name, key: tuple(key[:2]) in widths)
         self.runner = ModelRunner(model, self.kv, self.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs,
-                                  cfg.compile, cfg.fused_decode, max_rows=spec_rows)
+                                  cfg.compile, cfg.fused_decode, max_rows=spec_rows,
+                                  decode_steps=cfg.decode_steps if cfg.lookahead else 1)
         self.sampler = Sampler(self.device, cfg.seed)
         self.spec = None
         # next to a good draft, only long matches are worth its proposals: n-grams of 3 or more by
@@ -283,6 +291,7 @@ class Engine:
             log(f"tune_decode: tiles not saved ({e})")
         r.graphs.clear()
         r.verify_graphs.clear()
+        r.multi_graphs.clear()
         if self.spec is not None:
             self.spec.step_graphs.clear()
         return out
@@ -327,9 +336,9 @@ class Engine:
                 and all(n == 1 for _, n in batch.items) and self.runner.graph_fits(len(reqs))
                 and all(_plain_greedy(r.params) for r in reqs))
 
-    def _read_later(self, reqs: list[Request]) -> _Ahead:
+    def _read_later(self, reqs: list[Request], steps: int = 1) -> _Ahead:
         """The greedy tokens of the decode graph just launched, on their way to the host."""
-        tokens = self.runner.greedy_tokens[:len(reqs)]
+        tokens = self.runner.greedy_tokens[:steps, :len(reqs)]
         cuda = tokens.is_cuda
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
         host.copy_(tokens, non_blocking=cuda)
@@ -341,24 +350,40 @@ class Engine:
 
     def _step_ahead(self) -> list[RequestOutput]:
         ahead, self._ahead = self._ahead, None
-        # requests that go on after their pending token (unless it is a stop token)
+        pending = ahead.host.shape[0]  # tokens per request launched and not yet read
+        # requests that go on after their pending tokens (unless one is a stop token)
         go = [i for i, r in enumerate(ahead.reqs) if r.status is Status.RUNNING
-              and len(r.output_ids) + 1 < r.params.max_tokens and r.num_tokens + 1 < self.max_model_len]
+              and len(r.output_ids) + pending < r.params.max_tokens and r.num_tokens + pending < self.max_model_len]
         reqs = [ahead.reqs[i] for i in go]
-        need = [self.scheduler.blocks_needed(r, 1) for r in reqs]
+        # several steps in one graph where every request has room for them
+        steps = self.config.decode_steps
+        if steps > 1 and not (self.runner.steps_fit(len(reqs)) and all(
+                len(r.output_ids) + pending + steps <= r.params.max_tokens
+                and r.num_tokens + pending + steps <= self.max_model_len for r in reqs)):
+            steps = 1
+        need = [self.scheduler.blocks_needed(r, steps) for r in reqs]
         if (reqs and not self.scheduler.waiting and sum(need) <= self.kv.allocator.num_free
                 and self.runner.graph_fits(len(reqs)) and not self._may_speculate(len(reqs))):
             for r, n in zip(reqs, need):
                 r.blocks += self.kv.allocator.allocate(n)
-            self.runner.decode_rows([(r, r.num_computed, None) for r in reqs], prev_rows=go)
+            if steps > 1:
+                self.runner.decode_steps_ahead(reqs, go, steps)
+            else:
+                self.runner.decode_rows([(r, r.num_computed, None) for r in reqs], prev_rows=go)
             for r in reqs:
-                r.num_computed += 1
-            self._ahead = self._read_later(reqs)
-            self.lookahead_steps += 1
+                r.num_computed += steps
+            self._ahead = self._read_later(reqs, steps)
+            self.lookahead_steps += steps
         if ahead.copied is not None:
             ahead.copied.synchronize()
-        return [self._append(r, tok, None) for r, tok in zip(ahead.reqs, ahead.host.tolist())
-                if r.status is Status.RUNNING]  # aborted meanwhile: dropped
+        toks = ahead.host.tolist()
+        outs = []
+        for i, r in enumerate(ahead.reqs):
+            for j in range(pending):
+                if r.status is not Status.RUNNING:  # finished on an earlier token, or aborted meanwhile
+                    break
+                outs.append(self._append(r, toks[(j + 1) % pending][i], None))
+        return outs
 
     def _may_speculate(self, n: int) -> bool:
         """Whether a batch of n requests can speculate (with speculation configured, no larger

@@ -17,11 +17,13 @@ from moekit.ops.experts import grouped_path_taken
 GRAPH_BATCH_SIZES = (1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 128, 256)  # small sizes: speculative verify rows
 FUSED_MAX_BATCH = 8  # decode rows through the fused step; above, the grouped-GEMM model path
 FUSED_MAX_VERIFY = 40  # speculative verification stays fused up to here: the same numbers as decoding
+MAX_DECODE_STEPS = 16  # greedy decode steps one graph may chain (decode_steps)
 
 
 class ModelRunner:
     def __init__(self, model: Transformer, kv: PagedKVCache, max_model_len: int, max_num_seqs: int,
-                 cuda_graphs: bool = True, compile: bool = False, fused: bool = True, max_rows: int = 0):
+                 cuda_graphs: bool = True, compile: bool = False, fused: bool = True, max_rows: int = 0,
+                 decode_steps: int = 1):
         self.model, self.kv = model, kv
         self.device = next(model.parameters()).device
         self.block_size = kv.block_size
@@ -32,13 +34,19 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         # speculative verification: exactly n rows on the fused step (up to FUSED_MAX_VERIFY)
         self.verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        # greedy decoding, several steps chained in one graph (batch size, steps): decode_steps()
+        self.multi_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
+        if not 1 <= decode_steps <= MAX_DECODE_STEPS:
+            raise ValueError(f"decode_steps must be within 1 ... {MAX_DECODE_STEPS}, got {decode_steps}")
+        self.decode_steps = decode_steps
         self._stages: list[torch.Tensor] | None = None  # pinned host buffers of the graph inputs
         self._stage_events: list = [None] * _STAGES
         self._stage_i = 0
         self.pool = None
-        # the decode graphs' greedy tokens (each row's argmax, int32), written inside the graph: the
-        # next step's graph takes its tokens from here (decode_rows(prev_rows=...)) and a greedy
-        # caller copies them to the host with no reduction launched between two steps
+        # the decode graphs' greedy tokens (each row's argmax, int32) [MAX_DECODE_STEPS, rows],
+        # written inside the graph: row 0 holds the last step's (the next graph's first step takes
+        # its tokens from there: decode_rows(prev_rows=...)), row j + 1 step j's of a graph that
+        # chains several; a greedy caller copies them to the host with no kernel between two graphs
         self.greedy_tokens: torch.Tensor | None = None
         # the decode graphs replay a compiled forward: fusing the many small elementwise kernels of
         # a decode step (norms, rotary, routing) is what brings it near the bandwidth limit
@@ -129,14 +137,26 @@ class ModelRunner:
         stage[:, 3] = 1  # padding rows: token 0 at position 0 into the scratch block 0, one position
         return {"stage": stage}
 
-    def _run_static(self, buf: dict, fused_max: int = FUSED_MAX_BATCH, greedy: bool = False) -> torch.Tensor:
+    def _run_static(self, buf: dict, fused_max: int = FUSED_MAX_BATCH, greedy: bool = False,
+                    steps: int = 1) -> torch.Tensor:
         """The step of the staged rows in buf["stage"]: logits [b, vocab]. greedy (the decode
         graphs): a staged token -1 - j is row j's greedy token of the step before, and the rows'
-        greedy tokens are written to self.greedy_tokens."""
-        stage = buf["stage"]
+        greedy tokens are written to self.greedy_tokens. steps: that many greedy steps, one after
+        another, on the stage's consecutive blocks of b rows (the logits: the last step's); step j
+        reads its tokens from greedy_tokens[j] and writes them to greedy_tokens[(j + 1) % steps]."""
+        b = buf["stage"].shape[0] // steps
+        for j in range(steps):
+            logits = self._static_step(buf["stage"][j * b:(j + 1) * b], fused_max,
+                                       self.greedy_tokens[j] if greedy else None)
+            if greedy:
+                from moekit.infer.triton_argmax import argmax_into  # here: Triton kernels are defined on first use
+
+                argmax_into(logits, self.greedy_tokens[(j + 1) % steps])
+        return logits
+
+    def _static_step(self, stage: torch.Tensor, fused_max: int, prev: torch.Tensor | None) -> torch.Tensor:
         b = stage.shape[0]
         tables = stage[:, self._META:]  # rows strided
-        prev = self.greedy_tokens if greedy else None
         if self.fused is not None and b <= fused_max:  # int32 token, position, slot, length: one copy
             logits = self.fused.from_stage(stage, self._META, prev=prev)
         else:
@@ -147,23 +167,29 @@ class ModelRunner:
             meta = AttentionMetadata(slot_mapping=slots, num_decode=b, block_tables=tables, context_lens=lens,
                                      prefills=[], max_context=self.max_blocks * self.block_size)
             logits = self.decode_forward(ids[None], caches=self._layers(meta), positions=pos[None]).logits[0]
-        if prev is not None:
-            from moekit.infer.triton_argmax import argmax_into  # here: Triton kernels are defined on first use
-
-            argmax_into(logits, prev)
         return logits
 
     @torch.inference_mode()
-    def capture_graph(self, b: int, fused_max: int = FUSED_MAX_BATCH) -> None:
+    def capture_graph(self, b: int, fused_max: int = FUSED_MAX_BATCH, steps: int = 1) -> None:
         """Capture the decode step for batch size b (on first use; all sizes share one memory
-        pool); with fused_max = FUSED_MAX_VERIFY a verification graph (self.verify_graphs)."""
-        buf = self._graph_inputs(b)
+        pool); with fused_max = FUSED_MAX_VERIFY a verification graph (self.verify_graphs); with
+        steps > 1 that many greedy steps chained (self.multi_graphs)."""
+        buf = self._graph_inputs(b * steps)
         greedy = fused_max == FUSED_MAX_BATCH
         if greedy and self.greedy_tokens is None:  # outside the graph's pool: every decode graph shares it
-            self.greedy_tokens = torch.zeros(self.graph_sizes[-1], dtype=torch.int32, device=self.device)
-        g = self.capture(lambda: buf.__setitem__("logits", self._run_static(buf, fused_max, greedy)), self.pool)
+            self.greedy_tokens = torch.zeros(MAX_DECODE_STEPS, self.graph_sizes[-1], dtype=torch.int32,
+                                             device=self.device)
+        # the warm-up runs write greedy tokens: those of a step launched but not yet read stay
+        kept = self.greedy_tokens.clone() if greedy else None
+        g = self.capture(lambda: buf.__setitem__("logits", self._run_static(buf, fused_max, greedy, steps)),
+                         self.pool)
+        if kept is not None:
+            self.greedy_tokens.copy_(kept)
         self.pool = getattr(g, "pool", lambda: None)()
-        (self.graphs if fused_max == FUSED_MAX_BATCH else self.verify_graphs)[b] = (g, buf)
+        if steps > 1:
+            self.multi_graphs[b, steps] = (g, buf)
+        else:
+            (self.graphs if greedy else self.verify_graphs)[b] = (g, buf)
 
     def verify_graph_fits(self, n: int) -> bool:
         """Whether n verification rows replay an exact-size graph of the fused step: the same
@@ -198,6 +224,29 @@ class ModelRunner:
         for b in self.graph_sizes:
             if b not in self.graphs and self.graph_fits(b):
                 self.capture_graph(b)
+            if self.decode_steps > 1 and self.steps_fit(b) and (b, self.decode_steps) not in self.multi_graphs:
+                self.capture_graph(b, steps=self.decode_steps)
+
+    def steps_fit(self, n: int) -> bool:
+        """Whether n rows may decode several greedy steps in one graph (decode_steps): batches
+        the fused step serves, where a step is short enough for the time between graphs to count."""
+        return self.fused is not None and n <= FUSED_MAX_BATCH and self.graph_fits(n)
+
+    @torch.inference_mode()
+    def decode_steps_ahead(self, reqs: list[Request], prev_rows: list[int], steps: int) -> None:
+        """steps greedy decode steps of reqs in one graph, at positions num_computed ...
+        num_computed + steps - 1 (their blocks allocated), the first taking row prev_rows[i]'s
+        token of the last graph for request i; each step's tokens are the argmax of the step
+        before. The tokens: greedy_tokens[(j + 1) % steps, :len(reqs)] for step j."""
+        n = len(reqs)
+        b = next(s for s in self.graph_sizes if s >= n)
+        if (b, steps) not in self.multi_graphs:
+            self.capture_graph(b, steps=steps)
+        g, buf = self.multi_graphs[b, steps]
+        rows = [(r, r.num_computed + j, None) if r is not None else None for j in range(steps)
+                for r in reqs + [None] * (b - n)]
+        toks = [(-1 - (prev_rows[i] if j == 0 else i)) if i < n else 0 for j in range(steps) for i in range(b)]
+        self._replay(g, buf, rows, None, toks)
 
     def _execute_graph(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
         rows = [(req, req.num_computed, req.all_ids[req.num_computed]) for req, _ in items]
@@ -227,8 +276,9 @@ class ModelRunner:
         reused once its copy has completed."""
         if self._stages is None:  # sized on first use: for the largest graph
             pin = self.device.type == "cuda"
-            self._stages = [torch.zeros(self.graph_sizes[-1], self._META + self.max_blocks, dtype=torch.int32,
-                                        pin_memory=pin) for _ in range(_STAGES)]
+            rows = max(self.graph_sizes[-1], self.decode_steps * min(self.graph_sizes[-1], FUSED_MAX_BATCH))
+            self._stages = [torch.zeros(rows, self._META + self.max_blocks, dtype=torch.int32, pin_memory=pin)
+                            for _ in range(_STAGES)]
         i = self._stage_i = (self._stage_i + 1) % _STAGES
         if self._stage_events[i] is not None:
             self._stage_events[i].synchronize()
@@ -280,18 +330,19 @@ class ModelRunner:
         if b not in self.graphs:
             self.capture_graph(b)
         g, buf = self.graphs[b]
-        return self._replay(g, buf, rows, tokens, prev_rows)
+        return self._replay(g, buf, rows, tokens, None if prev_rows is None else [-1 - j for j in prev_rows])
 
     def _replay(self, g, buf: dict, rows: list, tokens: torch.Tensor | None,
-                prev_rows: list[int] | None = None) -> torch.Tensor:
-        """Stage rows (and tokens) into the graph's inputs, padding the rest, and replay it."""
+                token_col: list[int] | None = None) -> torch.Tensor:
+        """Stage rows (and tokens, or token_col: the staged tokens, -1 - j for the last graph's
+        greedy token of row j) into the graph's inputs, padding the rest, and replay it."""
         n, b = len(rows), buf["stage"].shape[0]
         host = self._host_stage(b)
         h = host.numpy()
         self.stage_rows(h, rows)
         h[n:, :5] = (0, 0, 0, 1, 0)  # padding rows: position 0 of the scratch block 0
-        if prev_rows is not None:  # the graph looks these up in self.greedy_tokens
-            h[:n, 0] = [-1 - j for j in prev_rows]
+        if token_col is not None:  # the graph looks the negative ones up in self.greedy_tokens
+            h[:len(token_col), 0] = token_col
         stage = buf["stage"]
         stage.copy_(host, non_blocking=True)
         if tokens is not None:
