@@ -169,7 +169,7 @@ TUNING: dict = {}  # what graph tuning chose (--tune-graph), by engine variant
 
 def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, fused: bool, compile: bool = False,
                   pdl: bool = True, prefetch: bool = False, rope: bool = True, route_in_wo: bool = False,
-                  prefetch_self: bool = False, tune: bool = False, attn_in_wo: bool = False):
+                  prefetch_self: bool = False, tune: bool = False, attn_in_wo: bool = False, decode_steps: int = 4):
     """Greedy batch-1 decode through the engine: (tok/s, tokens, {batch: GPU ms per replayed decode
     graph}, start-up seconds). pdl=False launches the kernels without programmatic dependent launch;
     prefetch=True has each layer's expert down projection ask L2 for the next layer's attention
@@ -180,8 +180,9 @@ def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, 
     route_in_wo=True routes each layer's rows at the end of its output projection;
     prefetch_self=True has each kernel ask L2 for its first weights (attention: its pages) before
     it waits for the kernel before it; attn_in_wo=True computes attention inside the output
-    projection (triton_attn_wo). Variants run after moekit-fused keep the tiles it chose (the tuners'
-    caches are the process's), so their tokens compare bit for bit."""
+    projection (triton_attn_wo); decode_steps: greedy steps chained per CUDA graph
+    (EngineConfig.decode_steps; the variant fused-one-step: 1). Variants run after moekit-fused keep
+    the tiles it chose (the tuners' caches are the process's), so their tokens compare bit for bit."""
     from moekit.infer import fused_decode, triton_attn_wo, triton_paged, triton_route, triton_sync
 
     flags = [(triton_sync, "ENABLED", pdl), (fused_decode, "PREFETCH_NEXT", prefetch), (fused_decode, "FUSED_ROPE", rope),
@@ -191,15 +192,15 @@ def engine_decode(model, prompt: list[int], new_tokens: int, max_num_seqs: int, 
     for m, name, v in flags:
         setattr(m, name, v)
     try:
-        return _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile, tune)
+        return _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile, tune, decode_steps)
     finally:
         for (m, name, _), v in zip(flags, was):
             setattr(m, name, v)
 
 
-def _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile, tune=False):
+def _engine_decode(model, prompt, new_tokens, max_num_seqs, fused, compile, tune=False, decode_steps=4):
     engine = Engine(model, None, EngineConfig(kv_budget="4GiB", max_num_seqs=max_num_seqs, cuda_graphs=True,
-                                              compile=compile, fused_decode=fused))
+                                              compile=compile, fused_decode=fused, decode_steps=decode_steps))
     t = time.perf_counter()
     engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0))  # warm-up, autotune, graph capture
     startup_s = time.perf_counter() - t
@@ -245,6 +246,7 @@ def main():
     variants = {v for v in args.variants.split(",") if v} | ({"unfused-compiled"} if args.compile else set())
     if variants - {"fused-prefetch", "fused-route-in-wo", "fused-prefetch-route-in-wo", "fused-no-pdl",
                    "fused-separate-rope", "fused-prefetch-self", "fused-prefetch-self-route-in-wo", "fused-attn-in-wo",
+                   "fused-one-step",
                    "unfused",
                    "unfused-compiled"}:
         ap.error(f"unknown --variants: {args.variants}")
@@ -269,6 +271,7 @@ def main():
             "moekit-fused-prefetch-self": dict(fused=True, prefetch_self=True),
             "moekit-fused-prefetch-self-route-in-wo": dict(fused=True, prefetch_self=True, route_in_wo=True),
             "moekit-fused-attn-in-wo": dict(fused=True, attn_in_wo=True),
+            "moekit-fused-one-step": dict(fused=True, decode_steps=1),
             "moekit-fused-no-pdl": dict(fused=True, pdl=False), "moekit-fused-separate-rope": dict(fused=True, rope=False),
             "moekit-unfused": dict(fused=False)}
     if args.compile:
