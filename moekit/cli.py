@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-samples", type=int, default=1)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--kv-budget", default="64MiB", help="KV cache size: bytes (e.g. 2GiB) or a fraction of free GPU memory")
+    gen.add_argument("--decode-steps", type=int, default=4,
+                     help="greedy decode steps chained in one CUDA graph for batches of up to 8 (GPU; tokens then come this "
+                          "many at a time; 1: a graph per step)")
     gen.add_argument("--tune-decode", action="store_true",
                      help="first refine the fused decode kernels' tiles inside the decode graph (GPU; a minute or so)")
     gen.add_argument("--speculative-model", default=None, metavar="RUN", help="a smaller model with the same tokenizer")
@@ -306,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     srv.add_argument("--device", default="auto")
     srv.add_argument("--kv-budget", default="256MiB", help="KV cache: bytes (e.g. 8GiB) or a fraction of free GPU memory")
+    srv.add_argument("--decode-steps", type=int, default=4,
+                     help="greedy decode steps chained in one CUDA graph for batches of up to 8 (GPU; tokens then come this "
+                          "many at a time; 1: a graph per step)")
     srv.add_argument("--tune-decode", action="store_true",
                      help="before serving, refine the fused decode kernels' tiles inside the decode graph (GPU; a minute or so)")
     srv.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")

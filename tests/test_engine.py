@@ -391,3 +391,9 @@ def test_bench_moves_a_staged_row_back_to_an_earlier_context():
         assert row_at_context(torch.from_numpy(last[0]), context, r.block_size, meta).tolist() == want[0].tolist()
     with pytest.raises(ValueError, match=f"context {last_pos + 2}"):
         row_at_context(torch.from_numpy(last[0]), last_pos + 2, r.block_size, meta)
+
+
+@pytest.mark.parametrize("steps,words", [(0, "decode_steps must be >= 1"), (17, "decode_steps must be <= 16")])
+def test_decode_steps_out_of_range_is_a_config_error(steps, words):
+    with pytest.raises(ConfigError, match=words):
+        Engine(get_model(), None, EngineConfig(kv_budget="1MiB", block_size=BS, decode_steps=steps))

@@ -92,7 +92,8 @@ def generate_main(args) -> int:
                                              prompt_lookup_max=args.prompt_lookup_max,
                                              prompt_lookup_min=getattr(args, "prompt_lookup_min", 0),
                                              prompt_lookup_tokens=getattr(args, "prompt_lookup_tokens", 0),
-                                             tune_decode=getattr(args, "tune_decode", False)),
+                                             tune_decode=getattr(args, "tune_decode", False),
+                                             decode_steps=getattr(args, "decode_steps", 4)),
                     draft=draft)
     if getattr(args, "tune_decode", False):
         engine.tune_decode(log=lambda line: print(line, file=sys.stderr))

@@ -39,6 +39,7 @@ def serve_main(args) -> int:
                               prompt_lookup_min=getattr(args, "prompt_lookup_min", 0),
                               prompt_lookup_tokens=getattr(args, "prompt_lookup_tokens", 0),
                               tune_decode=getattr(args, "tune_decode", False),
+                              decode_steps=getattr(args, "decode_steps", 4),
                               prefix_caching=getattr(args, "enable_prefix_caching", False))
     server_cfg = ServerConfig(model_name=args.model_name, api_key=args.api_key, max_pending=args.max_pending,
                               request_timeout=args.request_timeout)
