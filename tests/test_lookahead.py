@@ -17,10 +17,12 @@ from engine_helpers import (BS, assert_engine_idle, budget_for_blocks, get_model
                             random_prompts, tok_model)
 
 
-def _engine(model, tokenizer=None, lookahead: bool = True, **kw) -> Engine:
-    eng = Engine(model, tokenizer, EngineConfig(block_size=BS, lookahead=lookahead,
+def _engine(model, tokenizer=None, lookahead: bool = True, steps: int = 1, **kw) -> Engine:
+    eng = Engine(model, tokenizer, EngineConfig(block_size=BS, lookahead=lookahead, decode_steps=steps,
                                                 **{"kv_budget": "1MiB", "max_num_seqs": 6, **kw}))
     eng.runner.graph_sizes = [1, 2, 4, 8]  # as on GPU with cuda_graphs
+    if steps > 1:  # greedy steps chained in one graph on the model path (on a GPU: where the fused step runs)
+        eng.runner.steps_fit = eng.runner.graph_fits
     return eng
 
 
@@ -37,18 +39,21 @@ def _params(rng: random.Random, prompts, model) -> list[SamplingParams]:
     return out
 
 
+@pytest.mark.parametrize("steps", [1, 3])  # 3: chained in one graph where every request has room for them
 @pytest.mark.parametrize("budget_blocks", [None, 10, 12])  # 10, 12 blocks: preemption between lookahead runs
-def test_lookahead_equals_reading_every_step(budget_blocks):
+def test_lookahead_equals_reading_every_step(budget_blocks, steps):
     model = get_model()
     rng = random.Random(0)
     prompts = random_prompts(rng, [rng.randint(1, 20) for _ in range(12)])
     params = _params(rng, prompts, model)
     kw = {} if budget_blocks is None else {"kv_budget": str(budget_for_blocks(model, budget_blocks))}
     ref = _engine(model, lookahead=False, **kw).generate(prompts, params)
-    eng = _engine(model, **kw)
+    eng = _engine(model, steps=steps, **kw)
     out = eng.generate(prompts, params)
     assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]
     assert [o.finish_reason for o in out] == [o.finish_reason for o in ref]
+    if steps == 1 or budget_blocks is None:  # (10 blocks: too few for a chain to find its blocks)
+        assert (len(eng.runner.multi_graphs) > 0) == (steps > 1)
     assert {o.finish_reason for o in out} == {"stop", "length"}
     assert eng.lookahead_steps > 0
     if budget_blocks is not None:
@@ -56,14 +61,15 @@ def test_lookahead_equals_reading_every_step(budget_blocks):
     assert_engine_idle(eng)
 
 
-def test_lookahead_with_arrivals_and_aborts():
+@pytest.mark.parametrize("steps", [1, 3])
+def test_lookahead_with_arrivals_and_aborts(steps):
     """Requests join one per step (the lookahead pauses to admit them) and two are aborted while a
     step is in flight; the others decode exactly their greedy reference."""
     model = get_model()
     rng = random.Random(1)
     prompts = random_prompts(rng, [rng.randint(1, 12) for _ in range(8)])
     params = [SamplingParams(max_tokens=10 + i, temperature=0) for i in range(len(prompts))]
-    eng = _engine(model, max_num_seqs=4)
+    eng = _engine(model, max_num_seqs=4, steps=steps)
     rids = [eng.add_request(p, sp) for p, sp in zip(prompts[:3], params[:3])]
     final, aborted, later = {}, set(), list(zip(prompts[3:], params[3:]))
     while later or eng.has_unfinished():
@@ -85,7 +91,8 @@ def test_lookahead_with_arrivals_and_aborts():
     assert_engine_idle(eng)
 
 
-def test_lookahead_stop_strings_and_text():
+@pytest.mark.parametrize("steps", [1, 3])
+def test_lookahead_stop_strings_and_text(steps):
     """Text, stop strings and the released deltas are those of reading every step."""
     model, tok = tok_model(), get_tokenizer()
     prompts = ["the quick", "a stitch", "the lazy dog"]
@@ -94,7 +101,7 @@ def test_lookahead_stop_strings_and_text():
     stops = [o.text[5:8] for o in ref]  # strings the greedy text reaches
     params = [SamplingParams(max_tokens=24, temperature=0, stop=[s]) for s in stops]
     want = _engine(model, tok, lookahead=False).generate(prompts, params)
-    eng = _engine(model, tok)
+    eng = _engine(model, tok, steps=steps)
     got = eng.generate(prompts, params)
     assert [(o.text, o.finish_reason, o.output_token_ids) for o in got] == \
         [(o.text, o.finish_reason, o.output_token_ids) for o in want]
