@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from moekit.infer.engine import Engine, EngineConfig
 from moekit.infer.sampling import SamplingParams
@@ -132,3 +133,21 @@ def test_lookahead_above_the_speculative_batch_size(kind):
     assert [o.output_token_ids for o in out] == [o.output_token_ids for o in ref]
     assert eng.lookahead_steps > 0 and eng.spec.stats.proposed > 0
     assert_engine_idle(eng)
+
+
+def test_tokens_of_the_last_graph_feed_a_step_outside_the_graphs():
+    """decode_rows(prev_rows=...) where no graph serves the rows: the last decode graph's greedy
+    tokens (rows reordered) are looked up on the device and run through the packed forward, the
+    same logits as staging those token ids."""
+    model = get_model()
+    eng = _engine(model)
+    for p in random_prompts(random.Random(5), [5, 9]):
+        eng.add_request(p, SamplingParams(max_tokens=8, temperature=0))
+    while eng._ahead is None:  # a decode graph launched, its tokens not yet read
+        eng.step()
+    reqs, toks = eng._ahead.reqs, eng._ahead.host[0].tolist()
+    rows = [(r, r.num_computed, None) for r in reversed(reqs)]
+    eng.runner.graph_sizes = [1]  # no graph for two rows: the packed forward
+    got = eng.runner.decode_rows(rows, prev_rows=[1, 0])
+    want = eng.runner.forward_chunks([(r, p, [t]) for (r, p, _), t in zip(rows, reversed(toks))])
+    assert torch.equal(got, want)

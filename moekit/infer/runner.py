@@ -34,7 +34,7 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         # speculative verification: exactly n rows on the fused step (up to FUSED_MAX_VERIFY)
         self.verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
-        # greedy decoding, several steps chained in one graph (batch size, steps): decode_steps()
+        # greedy decoding, several steps chained in one graph (batch size, steps): decode_steps_ahead()
         self.multi_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         if not 1 <= decode_steps <= MAX_DECODE_STEPS:
             raise ValueError(f"decode_steps must be within 1 ... {MAX_DECODE_STEPS}, got {decode_steps}")
@@ -310,7 +310,7 @@ class ModelRunner:
         (self.greedy_tokens; the rows' ids are then None): a decode graph reads it there itself."""
         n = len(rows)
         if prev_rows is not None and (verify or not self.graph_fits(n)):
-            tokens, prev_rows = self.greedy_tokens[self.to_device(prev_rows)], None
+            tokens, prev_rows = self.greedy_tokens[0][self.to_device(prev_rows)], None
         if verify and self.verify_graph_fits(n):
             if n not in self.verify_graphs:
                 self.capture_graph(n, FUSED_MAX_VERIFY)
