@@ -263,19 +263,23 @@ def test_staged_tokens_from_the_step_before():
 @pytest.mark.parametrize("V,block", [(1000, 128), (96, 32), (80, 128)])
 def test_argmax_kernel_is_torch_argmax(V, block):
     """The decode graphs' greedy tokens (triton_argmax, the vocabulary split over programs) against
-    torch.argmax: ties across blocks (the first index wins), a row of -inf, a NaN (counts as largest)."""
+    torch.argmax: ties across blocks (the first index wins), a row of -inf, a NaN (counts as
+    largest, even after a +inf), +inf ties, two NaNs."""
     from moekit.infer.triton_argmax import _argmax_rows
 
-    x = torch.randn(5, V, generator=torch.Generator().manual_seed(V))
+    x = torch.randn(8, V, generator=torch.Generator().manual_seed(V))
     x[2, 10] = x[2, V - 3] = 100.0
     x[3] = float("-inf")
     x[4, 7] = float("nan")
+    x[5, 3], x[5, V - 5] = float("inf"), float("nan")
+    x[6, V - 2] = x[6, 1] = float("inf")
+    x[7, V - 1] = x[7, V // 2] = float("nan")
     S = -(-V // block)
     sp = 1 << (S - 1).bit_length()
-    out, sem = torch.full((8,), -7, dtype=torch.int32), torch.zeros(5, dtype=torch.int32)
-    _argmax_rows[(5, S)](x, x.stride(0), out, torch.empty(5, sp), torch.empty(5, sp, dtype=torch.int32), sem, V,
+    out, sem = torch.full((10,), -7, dtype=torch.int32), torch.zeros(8, dtype=torch.int32)
+    _argmax_rows[(8, S)](x, x.stride(0), out, torch.empty(8, sp), torch.empty(8, sp, dtype=torch.int32), sem, V,
                          BV=block, SP=sp, PDL=False)
-    assert out[:5].tolist() == x.argmax(-1).tolist() and out[5:].eq(-7).all()
+    assert out[:8].tolist() == x.argmax(-1).tolist() and out[8:].eq(-7).all()
     assert sem.eq(0).all()  # the counters are left at zero for the next launch
 
 

@@ -145,9 +145,26 @@ def test_tokens_of_the_last_graph_feed_a_step_outside_the_graphs():
         eng.add_request(p, SamplingParams(max_tokens=8, temperature=0))
     while eng._ahead is None:  # a decode graph launched, its tokens not yet read
         eng.step()
-    reqs, toks = eng._ahead.reqs, eng._ahead.host[0].tolist()
+    reqs = eng._ahead.reqs
+    toks = eng._ahead.host[0, :len(reqs)].tolist()
     rows = [(r, r.num_computed, None) for r in reversed(reqs)]
     eng.runner.graph_sizes = [1]  # no graph for two rows: the packed forward
     got = eng.runner.decode_rows(rows, prev_rows=[1, 0])
     want = eng.runner.forward_chunks([(r, p, [t]) for (r, p, _), t in zip(rows, reversed(toks))])
     assert torch.equal(got, want)
+
+
+def test_a_chain_without_blocks_decodes_one_step_ahead():
+    """When the blocks a chain of steps needs are not free, the engine still decodes one step ahead
+    where the request's last block has room for it."""
+    model = get_model()
+    eng = _engine(model, steps=4)
+    eng.add_request(random_prompts(random.Random(0), [2])[0], SamplingParams(max_tokens=20, temperature=0,
+                                                                             ignore_eos=True))
+    while eng._ahead is None:
+        eng.step()
+    r = eng._ahead.reqs[0]
+    assert len(r.blocks) * BS > r.num_computed  # room for one more position, not for four
+    eng.kv.allocator.allocate(eng.kv.allocator.num_free)  # the cache is full
+    eng.step()
+    assert eng._ahead is not None and eng._ahead.host.shape[0] == 1

@@ -276,6 +276,8 @@ class Engine:
         if real is None or int(real[2]) == 0:  # its steps ran elsewhere (speculative step graphs)
             log("tune_decode: no decode graph ran the throwaway request; tiles left as tuned")
             return None
+        if int(real[0]) < 0:  # a token the step before chose: the same one on every replay
+            real[0] = r.greedy_tokens[0, -1 - int(real[0])]
 
         @torch.inference_mode()
         def step_ms() -> float:
@@ -338,7 +340,7 @@ class Engine:
 
     def _read_later(self, reqs: list[Request], steps: int = 1) -> _Ahead:
         """The greedy tokens of the decode graph just launched, on their way to the host."""
-        tokens = self.runner.greedy_tokens[:steps, :len(reqs)]
+        tokens = self.runner.greedy_tokens[:steps]  # whole rows: one contiguous copy
         cuda = tokens.is_cuda
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
         host.copy_(tokens, non_blocking=cuda)
@@ -362,6 +364,8 @@ class Engine:
                 and r.num_tokens + pending + steps <= self.max_model_len for r in reqs)):
             steps = 1
         need = [self.scheduler.blocks_needed(r, steps) for r in reqs]
+        if steps > 1 and sum(need) > self.kv.allocator.num_free:  # too few blocks for a chain: one step
+            steps, need = 1, [self.scheduler.blocks_needed(r, 1) for r in reqs]
         if (reqs and not self.scheduler.waiting and sum(need) <= self.kv.allocator.num_free
                 and self.runner.graph_fits(len(reqs)) and not self._may_speculate(len(reqs))):
             for r, n in zip(reqs, need):

@@ -17,10 +17,13 @@ from moekit.infer.triton_sync import gdc, last_to_arrive, pdl_kw, tile_counters
 
 @triton.jit
 def _first_max(x, cols, V):
-    """The largest of x (NaN counts as largest, as in torch.argmax) and its first column."""
-    x = tl.where(x != x, float("inf"), x)
-    top = tl.max(x, 0)
-    return top, tl.min(tl.where(x == top, cols, V), 0)
+    """(value, first column) of x's largest value, as torch.argmax picks it: a NaN counts as
+    largest (then the value is NaN and the column the first NaN's); columns >= V are none."""
+    isnan = x != x
+    first_nan = tl.min(tl.where(isnan, cols, V), 0)
+    top = tl.max(tl.where(isnan, float("-inf"), x), 0)
+    first_top = tl.min(tl.where(x == top, cols, V), 0)
+    return tl.where(first_nan < V, float("nan"), top), tl.where(first_nan < V, first_nan, first_top)
 
 
 @triton.jit
@@ -41,8 +44,9 @@ def _argmax_rows(x_ptr, stride_x, out_ptr, part_v_ptr, part_i_ptr, sem_ptr, V, B
         m = parts < n_blocks
         v = tl.load(part_v_ptr + row * SP + parts, mask=m, other=float("-inf"), cache_modifier=".cg")
         i = tl.load(part_i_ptr + row * SP + parts, mask=m, other=V, cache_modifier=".cg")
-        top = tl.max(v, 0)
-        tl.store(out_ptr + row, tl.min(tl.where((v == top) & m, i, V), 0))
+        # the blocks' winners, in column order: the first block's NaN, else the first largest
+        _, best = _first_max(v, tl.where(m, i, V), V)
+        tl.store(out_ptr + row, best)
 
 
 def argmax_into(logits: torch.Tensor, out: torch.Tensor, block: int = 1024) -> torch.Tensor:
