@@ -18,7 +18,7 @@ import torch
 from moekit.data.tokenizer import Tokenizer
 from moekit.errors import ConfigError
 from moekit.infer.kv_cache import PagedKVCache, kv_bytes_per_token, num_blocks_for_budget
-from moekit.infer.runner import FUSED_MAX_VERIFY, ModelRunner
+from moekit.infer.runner import FUSED_MAX_VERIFY, MAX_DECODE_STEPS, ModelRunner
 from moekit.infer.sampling import Sampler, SamplingParams
 from moekit.infer.scheduler import Request, Scheduler, Status
 from moekit.model.transformer import Transformer
@@ -104,8 +104,6 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len < 0:
             raise ConfigError(f"max_model_len must be >= 0, got {self.max_model_len}")
-        from moekit.infer.runner import MAX_DECODE_STEPS
-
         if self.decode_steps > MAX_DECODE_STEPS:
             raise ConfigError(f"decode_steps must be <= {MAX_DECODE_STEPS}, got {self.decode_steps}")
         if self.prompt_lookup_tokens < 0:
@@ -353,15 +351,17 @@ class Engine:
     def _step_ahead(self) -> list[RequestOutput]:
         ahead, self._ahead = self._ahead, None
         pending = ahead.host.shape[0]  # tokens per request launched and not yet read
+
+        def room(r: Request, n: int) -> bool:  # for n more tokens after the pending ones
+            return (len(r.output_ids) + pending + n <= r.params.max_tokens
+                    and r.num_tokens + pending + n <= self.max_model_len)
+
         # requests that go on after their pending tokens (unless one is a stop token)
-        go = [i for i, r in enumerate(ahead.reqs) if r.status is Status.RUNNING
-              and len(r.output_ids) + pending < r.params.max_tokens and r.num_tokens + pending < self.max_model_len]
+        go = [i for i, r in enumerate(ahead.reqs) if r.status is Status.RUNNING and room(r, 1)]
         reqs = [ahead.reqs[i] for i in go]
         # several steps in one graph where every request has room for them
         steps = self.config.decode_steps
-        if steps > 1 and not (self.runner.steps_fit(len(reqs)) and all(
-                len(r.output_ids) + pending + steps <= r.params.max_tokens
-                and r.num_tokens + pending + steps <= self.max_model_len for r in reqs)):
+        if steps > 1 and not (self.runner.steps_fit(len(reqs)) and all(room(r, steps) for r in reqs)):
             steps = 1
         need = [self.scheduler.blocks_needed(r, steps) for r in reqs]
         if steps > 1 and sum(need) > self.kv.allocator.num_free:  # too few blocks for a chain: one step
@@ -370,10 +370,7 @@ class Engine:
                 and self.runner.graph_fits(len(reqs)) and not self._may_speculate(len(reqs))):
             for r, n in zip(reqs, need):
                 r.blocks += self.kv.allocator.allocate(n)
-            if steps > 1:
-                self.runner.decode_steps_ahead(reqs, go, steps)
-            else:
-                self.runner.decode_rows([(r, r.num_computed, None) for r in reqs], prev_rows=go)
+            self.runner.decode_steps_ahead(reqs, go, steps)
             for r in reqs:
                 r.num_computed += steps
             self._ahead = self._read_later(reqs, steps)

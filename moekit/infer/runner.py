@@ -237,7 +237,11 @@ class ModelRunner:
         """steps greedy decode steps of reqs in one graph, at positions num_computed ...
         num_computed + steps - 1 (their blocks allocated), the first taking row prev_rows[i]'s
         token of the last graph for request i; each step's tokens are the argmax of the step
-        before. The tokens: greedy_tokens[(j + 1) % steps, :len(reqs)] for step j."""
+        before. The tokens: greedy_tokens[(j + 1) % steps, :len(reqs)] for step j. One step: the
+        decode graphs (decode_rows)."""
+        if steps == 1:
+            self.decode_rows([(r, r.num_computed, None) for r in reqs], prev_rows=prev_rows)
+            return
         n = len(reqs)
         b = next(s for s in self.graph_sizes if s >= n)
         if (b, steps) not in self.multi_graphs:
